@@ -1,0 +1,3 @@
+"""cl_lightning: continual learning on PyTorch Lightning and Hydra."""
+
+__version__ = "0.1.0"

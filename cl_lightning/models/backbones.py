@@ -1,0 +1,275 @@
+"""Backbones of the continual-learning literature: the MNIST MLP, a small CNN and GEM's reduced ResNet-18.
+
+Every backbone shares one contract, which the training module and the replay methods rely on:
+
+- ``features(x) -> Tensor[B, feature_dim]``: the penultimate representation (herding, k-center, distillation);
+- ``head``: one ``nn.Linear(feature_dim, n_outputs)`` over *all* outputs (task-incremental multi-head training
+  masks the logits outside the model, so the backbone never knows about tasks);
+- ``feature_dim``: the width of ``features``;
+- ``forward(x) = head(features(x))`` on float input ``x`` of shape ``[B, C, H, W]``.
+
+Each class is built as ``cls(input_shape=(C, H, W), n_outputs=K, **config_kwargs)``; Hydra's ``_target_`` is the
+registry, so there is deliberately no ``build_backbone`` factory here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock"]
+
+
+def _is_positive_int(value: object) -> bool:
+    # bool is a subclass of int, but `hidden: [true]` is a config mistake, not a width of 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Return ``input_shape`` as a ``(C, H, W)`` tuple of ints, or raise a ValueError that says what is wrong."""
+    shape = list(input_shape)  # may arrive as an omegaconf ListConfig
+    if len(shape) != 3 or not all(_is_positive_int(s) for s in shape):
+        raise ValueError(f"model.input_shape: expected three positive integers (C, H, W), got {shape}")
+    return shape[0], shape[1], shape[2]
+
+
+def _check_n_outputs(n_outputs: int) -> int:
+    if not _is_positive_int(n_outputs):
+        raise ValueError(f"model.n_outputs: must be an integer >= 1, got {n_outputs!r}")
+    return n_outputs
+
+
+def _check_widths(name: str, widths: Sequence[int], allow_empty: bool) -> list[int]:
+    values = list(widths)  # ListConfig -> list; also makes the error message print plainly
+    if not all(_is_positive_int(w) for w in values):
+        raise ValueError(f"model.{name}: widths must be positive integers, got {values}")
+    if not values and not allow_empty:
+        raise ValueError(f"model.{name}: needs at least one width, got {values}")
+    return values
+
+
+class MLP(nn.Module):
+    """Fully connected network of the MNIST continual-learning benchmarks.
+
+    ``features(x) = h_L``, with ``h_0 = flatten(x)`` and ``h_l = Dropout(ReLU(W_l h_{l-1} + b_l))``; the output is
+    ``head(h_L) = W h_L + b``. With ``hidden=(400, 400)`` this is the 784-400-400-10 network of van de Ven & Tolias,
+    "Three scenarios for continual learning" (2019), and with ``hidden=(100, 100)`` the 784-100-100-10 network of
+    Buzzega et al., "Dark Experience for General Continual Learning: a Strong, Simple Baseline" (NeurIPS 2020).
+    An empty ``hidden`` gives a linear classifier on the flattened input.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one input; the network flattens it to ``C * H * W`` inputs.
+        n_outputs: number of output units (all classes of all tasks), at least 1.
+        hidden: width of each hidden layer, in order (a list or an omegaconf ListConfig).
+        dropout: dropout probability after each hidden ReLU, in ``[0, 1)``; 0 adds no Dropout module.
+
+    Raises:
+        ValueError: if a width is not a positive integer, ``n_outputs < 1`` or ``dropout`` is outside ``[0, 1)``.
+
+    Example:
+        >>> net = MLP((1, 28, 28), n_outputs=10, hidden=[100, 100])
+        >>> net(torch.zeros(2, 1, 28, 28)).shape, net.feature_dim
+        (torch.Size([2, 10]), 100)
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_outputs: int,
+        hidden: Sequence[int] = (400, 400),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        c, h, w = _check_input_shape(input_shape)
+        n_outputs = _check_n_outputs(n_outputs)
+        widths = _check_widths("hidden", hidden, allow_empty=True)
+        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout: must be a probability in [0, 1), got {dropout!r}")
+
+        layers: list[nn.Module] = [nn.Flatten()]
+        in_features = c * h * w
+        for width in widths:
+            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_features = width
+        self.body = nn.Sequential(*layers)
+        self.feature_dim: int = in_features
+        self.head = nn.Linear(self.feature_dim, n_outputs)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the last hidden activation, ``[B, feature_dim]``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the logits over all ``n_outputs``, ``[B, n_outputs]``."""
+        return self.head(self.features(x))
+
+
+class SmallCNN(nn.Module):
+    """Small VGG-style convolutional network for MNIST- and CIFAR-sized inputs.
+
+    Each stage ``i`` maps ``channels[i-1] -> channels[i]`` by ``conv3x3 -> [BN] -> ReLU -> conv3x3 -> [BN] -> ReLU ->
+    maxpool2``; then ``features(x) = ReLU(W flatten(z) + b)`` with ``hidden`` units and ``head`` is linear. This is
+    the shape of the small CNNs used for split MNIST / split CIFAR in e.g. Zenke et al., "Continual Learning Through
+    Synaptic Intelligence" (ICML 2017), without their multi-head output (heads are masked outside the model here).
+
+    BatchNorm, when enabled, sits between each convolution and its ReLU (the usual ``conv-BN-ReLU`` order, as in the
+    ResNet blocks below), and the convolution then has no bias because BN's shift makes it redundant. A stage skips
+    its max-pool once a spatial side is below 2, so the network also runs on tiny inputs (8x8 test images).
+
+    Args:
+        input_shape: ``(C, H, W)`` of one input.
+        n_outputs: number of output units, at least 1.
+        channels: output channels of each conv stage, in order; at least one stage.
+        hidden: width of the fully connected feature layer (``feature_dim``).
+        batch_norm: add ``BatchNorm2d`` after every convolution.
+
+    Raises:
+        ValueError: if a channel width or ``hidden`` is not a positive integer, or ``n_outputs < 1``.
+
+    Example:
+        >>> net = SmallCNN((3, 32, 32), n_outputs=10, channels=[8, 16], hidden=32)
+        >>> net.features(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        n_outputs: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 256,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        c, h, w = _check_input_shape(input_shape)
+        n_outputs = _check_n_outputs(n_outputs)
+        widths = _check_widths("channels", channels, allow_empty=False)
+        if not _is_positive_int(hidden):
+            raise ValueError(f"model.hidden: must be a positive integer, got {hidden!r}")
+
+        layers: list[nn.Module] = []
+        in_ch = c
+        for out_ch in widths:
+            for conv_in in (in_ch, out_ch):
+                layers.append(nn.Conv2d(conv_in, out_ch, kernel_size=3, padding=1, bias=not batch_norm))
+                if batch_norm:
+                    layers.append(nn.BatchNorm2d(out_ch))
+                layers.append(nn.ReLU())
+            if min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            in_ch = out_ch
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * h * w, hidden), nn.ReLU())
+        self.feature_dim: int = hidden
+        self.head = nn.Linear(hidden, n_outputs)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the fully connected feature layer, ``[B, feature_dim]``."""
+        return self.fc(self.conv(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the logits over all ``n_outputs``, ``[B, n_outputs]``."""
+        return self.head(self.features(x))
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Residual block of He et al., "Deep Residual Learning for Image Recognition" (CVPR 2016).
+
+    ``y = ReLU(BN(conv3x3(ReLU(BN(conv3x3_s(x))))) + shortcut(x))`` where the shortcut is the identity, or
+    ``BN(conv1x1_s(x))`` when the stride ``s`` is not 1 or the width changes.
+
+    Args:
+        in_ch: input channels.
+        out_ch: output channels.
+        stride: stride of the first convolution (and of the projection shortcut).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = _conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to ``x`` of shape ``[B, in_ch, H, W]``."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18Reduced(nn.Module):
+    """Reduced ResNet-18 of GEM: Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning" (NeurIPS 2017).
+
+    ``features(x) = GAP(stage_4(...stage_1(ReLU(BN(conv3x3(x))))))`` where stage ``k`` holds two :class:`BasicBlock`
+    of width ``2^(k-1) * nf`` with strides 1, 2, 2, 2, and ``GAP`` is global average pooling, so
+    ``feature_dim = 8 * nf``; ``head`` is linear. Unlike torchvision's ``resnet18`` the stem is a stride-1 3x3
+    convolution with no max-pool, which suits 32x32 images. With ``nf=20`` this is the network of GEM, of A-GEM
+    (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019) and the reduced ResNet used by the DER
+    paper's code; ``nf=64`` gives the full-width ResNet-18 of Mammoth's seq-CIFAR-10 (Buzzega et al., NeurIPS 2020).
+
+    GEM pooled with ``avg_pool2d(out, 4)`` on the 4x4 map of a 32x32 input; the adaptive 1x1 average pool used here
+    is identical there and also works for 28x28 (4x4 map) or smaller inputs.
+
+    Parameters, for a 32x32x3 input and 10 outputs: 1,094,750 with ``nf=20`` (the head is 1,610 of them) and
+    11,173,962 with ``nf=64``. BatchNorm running statistics are buffers, not parameters.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one input; only ``C`` shapes the network.
+        n_outputs: number of output units, at least 1.
+        nf: width of the first stage; the stages have ``nf, 2nf, 4nf, 8nf`` channels.
+
+    Raises:
+        ValueError: if ``nf`` is not a positive integer or ``n_outputs < 1``.
+
+    Example:
+        >>> net = ResNet18Reduced((3, 32, 32), n_outputs=10)
+        >>> sum(p.numel() for p in net.parameters()), net.feature_dim
+        (1094750, 160)
+    """
+
+    def __init__(self, input_shape: Sequence[int], n_outputs: int, nf: int = 20) -> None:
+        super().__init__()
+        c, _, _ = _check_input_shape(input_shape)
+        n_outputs = _check_n_outputs(n_outputs)
+        if not _is_positive_int(nf):
+            raise ValueError(f"model.nf: must be a positive integer, got {nf!r}")
+
+        self.conv1 = _conv3x3(c, nf)
+        self.bn1 = nn.BatchNorm2d(nf)
+        self.relu = nn.ReLU()
+        stages: list[nn.Module] = []
+        in_ch = nf
+        for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+            out_ch = mult * nf
+            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)))
+            in_ch = out_ch
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim: int = 8 * nf
+        self.head = nn.Linear(self.feature_dim, n_outputs)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Return the globally average-pooled last stage, ``[B, 8 * nf]``."""
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return torch.flatten(self.pool(out), 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return the logits over all ``n_outputs``, ``[B, n_outputs]``."""
+        return self.head(self.features(x))

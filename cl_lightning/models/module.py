@@ -1,0 +1,176 @@
+"""``CLModule``: the LightningModule that trains one network through a task sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from cl_lightning.data.batch import Batch
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.base import CLMethod
+from cl_lightning.metrics import AccuracyMatrix
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class CLModule(pl.LightningModule):
+    """Trains ``net`` on the current task; the loss is the task loss plus every active method's loss terms.
+
+    Logit masking by scenario (see :mod:`cl_lightning.data.scenarios`):
+
+    - ``task_il``: logits outside the sample's task are masked, in training and evaluation (a multi-head model);
+    - ``class_il``: in training, logits of classes not yet seen are masked (``train_outputs="seen"``, the "active
+      classes" of van de Ven & Tolias 2019) or all are used (``"all"``, as Mammoth does); evaluation uses every
+      logit. The task-IL accuracy of a class-IL run (logits masked to the evaluated task, as Mammoth reports) is
+      kept in a second matrix;
+    - ``domain_il``: one shared head, nothing masked.
+
+    Evaluation fills row ``eval_row`` of :attr:`acc_matrix` (row ``-1``: the randomly initialised model, the
+    baseline of forward transfer). The matrices, the output masks and the task counters are persistent state, so a
+    checkpoint holds everything a resumed run needs.
+
+    Args:
+        net: Backbone with a ``head``; maps inputs to logits over all outputs.
+        optimizer: Factory ``params -> Optimizer`` (a Hydra ``_partial_``).
+        scenario: ``class_il``, ``task_il`` or ``domain_il``.
+        task_outputs: Logit indices of each task.
+        n_outputs: Number of logits.
+        scheduler: Optional factory ``optimizer -> LRScheduler``, stepped every epoch.
+        reset_optimizer: Fresh optimizer state at each task (Adam's moments of the previous task are not carried).
+        train_outputs: Class-IL training logits: ``seen`` or ``all``.
+        log_every_n_steps: Training losses reach the logger every this many optimizer steps.
+        hide_task_boundaries: Online stream: methods get no task events.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerFactory,
+        scenario: str,
+        task_outputs: Sequence[Tensor],
+        n_outputs: int,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        reset_optimizer: bool = True,
+        train_outputs: str = "seen",
+        log_every_n_steps: int = 50,
+        hide_task_boundaries: bool = False,
+    ) -> None:
+        super().__init__()
+        if train_outputs not in ("seen", "all"):
+            raise ConfigError(f"module.train_outputs={train_outputs!r}: choose 'seen' or 'all'")
+        if log_every_n_steps < 1:
+            raise ConfigError(f"module.log_every_n_steps={log_every_n_steps}: must be >= 1")
+        self.net = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scenario, self.reset_optimizer, self.train_outputs = scenario, reset_optimizer, train_outputs
+        self.log_every_n_steps, self.hide_task_boundaries = log_every_n_steps, hide_task_boundaries
+        n_tasks = len(task_outputs)
+        self.n_tasks = n_tasks
+        masks = torch.zeros(n_tasks, n_outputs, dtype=torch.bool)
+        for t, outputs in enumerate(task_outputs):
+            masks[t, outputs] = True
+        self.register_buffer("output_masks", masks)
+        self.register_buffer("current_task", torch.tensor(0))
+        self.register_buffer("task_started", torch.tensor(-1))
+        self.register_buffer("task_finished", torch.tensor(-1))
+        self.acc_matrix = AccuracyMatrix(n_tasks)
+        self.task_il_matrix = AccuracyMatrix(n_tasks)
+        # Row 0 holds the accuracy of the randomly initialised model (FWT's baseline b_j); a matrix so that it is
+        # sum-reduced across processes like the others.
+        self.init_matrix = AccuracyMatrix(n_tasks)
+        self.eval_row = -1
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._methods: list[CLMethod] = []
+
+    # ------------------------------------------------------------------ forward and masks
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def seen_mask(self) -> Tensor:
+        """Outputs of every task up to the current one."""
+        return self.output_masks[: int(self.current_task) + 1].any(0)
+
+    def training_logits(self, logits: Tensor, task_id: Tensor) -> Tensor:
+        """Mask the logits a sample may not use in training (see the class docstring)."""
+        if self.scenario == "task_il":
+            return logits.masked_fill(~self.output_masks[task_id], float("-inf"))
+        if self.scenario == "class_il" and self.train_outputs == "seen" and not self.hide_task_boundaries:
+            return logits.masked_fill(~self.seen_mask(), float("-inf"))
+        return logits
+
+    @property
+    def methods(self) -> list[CLMethod]:
+        """The continual methods among the trainer's callbacks."""
+        return self._methods
+
+    # ------------------------------------------------------------------ training
+    @override
+    def on_fit_start(self) -> None:
+        self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
+
+    @override
+    def on_train_start(self) -> None:
+        t = int(self.current_task)
+        if int(self.task_started) < t:
+            if not self.hide_task_boundaries:
+                for method in self._methods:
+                    method.on_task_start(self.trainer, self, t)
+            self.task_started.fill_(t)
+
+    @override
+    def on_train_end(self) -> None:
+        t = int(self.current_task)
+        if int(self.task_finished) < t:
+            if not self.hide_task_boundaries:
+                for method in self._methods:
+                    method.on_task_end(self.trainer, self, t)
+            self.task_finished.fill_(t)
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        logits = self.training_logits(self.net(batch.x), batch.task_id)
+        task_loss = F.cross_entropy(logits, batch.y)
+        terms: dict[str, Tensor] = {}
+        for method in self._methods:
+            for key, value in method.loss_terms(self, batch, logits).items():
+                terms[f"{method.name}/{key}"] = value
+        loss = task_loss + sum(terms.values()) if terms else task_loss
+        if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
+            # Straight to the logger, every n steps: `self.log` on every step costs as much as a small model's
+            # forward pass (measured in benchmarks/overhead.py).
+            values = {"train/loss": loss, "train/task_loss": task_loss, **{f"train/{k}": v for k, v in terms.items()}}
+            self.logger.log_metrics(
+                {k: float(v.detach()) for k, v in values.items()} | {"task": int(self.current_task)},
+                step=self.global_step,
+            )
+        return loss
+
+    @override
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self._optimizer is None or self.reset_optimizer:
+            self._optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return self._optimizer
+        return {"optimizer": self._optimizer, "lr_scheduler": self.scheduler_factory(self._optimizer)}
+
+    # ------------------------------------------------------------------ evaluation
+    @override
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.net(batch.x)
+        j = dataloader_idx
+        masked = logits.masked_fill(~self.output_masks[j], float("-inf"))
+        preds = masked if self.scenario == "task_il" else logits
+        if self.eval_row < 0:
+            self.init_matrix.update(preds, batch.y, 0, j)
+            return
+        self.acc_matrix.update(preds, batch.y, self.eval_row, j)
+        if self.scenario == "class_il":
+            self.task_il_matrix.update(masked, batch.y, self.eval_row, j)

@@ -1,0 +1,220 @@
+"""``train(cfg)``: one continual-learning experiment; ``main()`` is its Hydra command line.
+
+The run is one Lightning ``Trainer`` and one TensorBoard run with continuous steps: for each task, the datamodule
+switches task, ``trainer.fit`` trains on it (``max_epochs`` grows by ``epochs_per_task``; the loops, the logger and
+the global step carry over), then ``trainer.test`` evaluates every task's test set into the next row of the
+accuracy matrix. ``results.json`` and a checkpoint are written after every task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cl_lightning.data.datamodule import TaskSequenceDataModule
+from cl_lightning.data.sources import DatasetNotFoundError
+from cl_lightning.errors import ConfigError, RunDirectoryError
+from cl_lightning.methods.base import CLMethod
+from cl_lightning.models.module import CLModule
+from cl_lightning.results import build_results, format_matrix, format_summary, write_json_atomic
+
+log = logging.getLogger("cl_lightning")
+
+RESULTS_FILE = "results.json"
+# The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
+# `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the top-level keys before anything is built; raise a one-line :class:`ConfigError`."""
+
+    def integer(key: str, minimum: int, optional: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            null = " (or null)" if optional else ""
+            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}{null}")
+
+    integer("epochs_per_task", 1)
+    integer("steps_per_task", 1, optional=True)
+    integer("batch_size", 1)
+    integer("seed", 0)
+    integer("threads", 1, optional=True)
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
+        raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
+    stream = OmegaConf.select(cfg, "dataset.stream")
+    if stream == "online" and (cfg.epochs_per_task != 1 or cfg.steps_per_task is not None):
+        raise ConfigError(
+            f"dataset.stream=online is a single pass: set epochs_per_task=1 and steps_per_task=null "
+            f"(got {cfg.epochs_per_task} and {cfg.steps_per_task})"
+        )
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """Refuse to start in a directory that already holds a run's results or checkpoints."""
+    taken = [p for p in (run_dir / RESULTS_FILE, run_dir / "checkpoints") if p.exists()]
+    if taken:
+        raise RunDirectoryError(
+            f"{run_dir} already holds an earlier run ({taken[0].name}); its outputs are kept: choose another "
+            "directory with hydra.run.dir=... (or paths.output_dir=...)"
+        )
+
+
+def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
+    factory = instantiate(cfg.model)
+    try:
+        return factory(input_shape=dm.input_shape, n_outputs=dm.n_outputs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _log_task(trainer: pl.Trainer, module: CLModule, results: dict[str, Any], task: int) -> None:
+    logger = trainer.logger
+    if logger is None:
+        return
+    step = trainer.global_step
+    row = results["acc_matrix"][task]
+    metrics = {f"eval/acc/task_{j}": acc for j, acc in enumerate(row)}
+    metrics["eval/avg_acc_seen"] = sum(row[: task + 1]) / (task + 1)
+    for key in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc"):
+        if results.get(key) is not None:
+            metrics[f"summary/{key}"] = results[key]
+    logger.log_metrics(metrics, step=step)
+    experiment = getattr(logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_figure"):
+        from cl_lightning.plots import accuracy_heatmap
+
+        matrix = module.acc_matrix.compute().cpu().numpy()
+        experiment.add_figure("eval/acc_matrix", accuracy_heatmap(matrix, f"after task {task}"), global_step=step)
+
+
+def _log_hparams(trainer: pl.Trainer, cfg: DictConfig, results: dict[str, Any]) -> None:
+    logger = trainer.logger
+    if logger is None:
+        return
+    flat = {
+        k: (v if isinstance(v, int | float | str | bool) else str(v))
+        for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+        if not k.startswith("paths.") and v is not None
+    }
+    metrics = {f"hparam/{k}": results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if results.get(k) is not None}
+    logger.log_hyperparams(flat, metrics=metrics)  # type: ignore[call-arg]
+    logger.save()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: tree}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment and return the final ``results.json`` payload."""
+    run_dir = Path(cfg.paths.output_dir)
+    check_fresh_run_dir(run_dir)
+    validate_config(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    method: CLMethod = instantiate(cfg.method)
+    if not isinstance(method, CLMethod):
+        raise ConfigError(f"method._target_={cfg.method.get('_target_')!r} is not a cl_lightning CLMethod")
+    dm: TaskSequenceDataModule = instantiate(cfg.dataset, cumulative=method.cumulative_data)
+    dm.setup("fit")
+    net = _build_model(cfg, dm)
+    module = CLModule(
+        net,
+        optimizer=instantiate(cfg.optimizer),
+        scenario=dm.scenario,
+        task_outputs=dm.task_outputs,
+        n_outputs=dm.n_outputs,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        hide_task_boundaries=dm.stream == "online",
+        **cfg.module,
+    )
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    epochs = 1 if cfg.steps_per_task else cfg.epochs_per_task
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[method], logger=logger, max_epochs=epochs)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    train_s = eval_s = 0.0
+
+    def evaluate(row: int) -> None:
+        nonlocal eval_s
+        module.eval_row = row
+        start = time.perf_counter()
+        trainer.test(module, datamodule=dm, verbose=False)
+        eval_s += time.perf_counter() - start
+
+    evaluate(-1)  # the randomly initialised model: forward transfer's baseline
+    results: dict[str, Any] = {}
+    for task in range(dm.n_tasks):
+        dm.set_task(task)
+        module.current_task.fill_(task)
+        trainer.fit_loop.max_epochs = (task + 1) * epochs
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        train_s += time.perf_counter() - start
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        evaluate(task)
+        results = build_results(
+            method=method.name,
+            dataset=dm.name,
+            scenario=dm.scenario,
+            seed=cfg.seed,
+            n_tasks=dm.n_tasks,
+            n_done=task + 1,
+            acc_matrix=module.acc_matrix.compute().cpu(),
+            baseline=module.init_matrix.compute()[0].cpu(),
+            task_il_matrix=module.task_il_matrix.compute().cpu() if dm.scenario == "class_il" else None,
+            train_seconds=train_s,
+            eval_seconds=eval_s,
+            config=config,
+            task_descriptions=[t.description for t in dm.tasks],
+        )
+        if trainer.is_global_zero:
+            write_json_atomic(run_dir / RESULTS_FILE, results)
+            _log_task(trainer, module, results, task)
+            log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
+        if cfg.get("save_checkpoints", True):
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    if trainer.is_global_zero:
+        _log_hparams(trainer, cfg, results)
+        matrix = torch.tensor(results["acc_matrix"])
+        print(format_matrix(matrix, dm.n_tasks))
+        if "task_il_acc_matrix" in results:
+            til = torch.tensor(results["task_il_acc_matrix"])
+            print(format_matrix(til, dm.n_tasks, "task-IL accuracy matrix (logits masked to the task's classes)"))
+        print(f"{method.name} on {dm.name} ({dm.scenario}, seed {cfg.seed}): {format_summary(results)}")
+        print(f"train {train_s:.1f}s, eval {eval_s:.1f}s; results in {run_dir / RESULTS_FILE}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Command line: ``python -m cl_lightning [group=option ...] [key=value ...]`` (``-m`` sweeps)."""
+    try:
+        train(cfg)
+    except (ConfigError, RunDirectoryError, DatasetNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
