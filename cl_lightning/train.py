@@ -12,15 +12,18 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, RunDirectoryError
@@ -29,6 +32,8 @@ from cl_lightning.models.module import CLModule
 from cl_lightning.results import build_results, format_matrix, format_summary, write_json_atomic
 
 log = logging.getLogger("cl_lightning")
+# Lightning 2.6 calls a pytree API that torch 2.14 deprecates; harmless, and printed once per fit otherwise.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 RESULTS_FILE = "results.json"
 # The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
@@ -73,8 +78,21 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         )
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our one-line errors through instead of Hydra's multi-line wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, ConfigError | DatasetNotFoundError):
+                raise cause from err
+            cause = cause.__cause__
+        raise
+
+
 def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
-    factory = instantiate(cfg.model)
+    factory = _instantiate(cfg.model)
     try:
         return factory(input_shape=dm.input_shape, n_outputs=dm.n_outputs)
     except ValueError as err:
@@ -133,10 +151,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    method: CLMethod = instantiate(cfg.method)
+    method: CLMethod = _instantiate(cfg.method)
     if not isinstance(method, CLMethod):
         raise ConfigError(f"method._target_={cfg.method.get('_target_')!r} is not a cl_lightning CLMethod")
-    dm: TaskSequenceDataModule = instantiate(cfg.dataset, cumulative=method.cumulative_data)
+    dm: TaskSequenceDataModule = _instantiate(cfg.dataset, cumulative=method.cumulative_data)
     dm.setup("fit")
     net = _build_model(cfg, dm)
     module = CLModule(
@@ -151,8 +169,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     epochs = 1 if cfg.steps_per_task else cfg.epochs_per_task
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[method], logger=logger, max_epochs=epochs)
+    callbacks: list[pl.Callback] = [method]
+    # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
+    progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
+    if progress:
+        callbacks.append(TaskProgressBar(dm.n_tasks, epochs))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress
+    )
 
+    # One fit per task: Lightning's per-fit notices ("`Trainer.fit` stopped", tips) would repeat T times.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     train_s = eval_s = 0.0
@@ -161,7 +188,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         nonlocal eval_s
         module.eval_row = row
         start = time.perf_counter()
-        trainer.test(module, datamodule=dm, verbose=False)
+        trainer.test(module, datamodule=dm, verbose=False)  # fills row `row` of the module's matrices
         eval_s += time.perf_counter() - start
 
     evaluate(-1)  # the randomly initialised model: forward transfer's baseline
