@@ -1,0 +1,55 @@
+"""Real-data runs (marked slow, run in CI): the real loaders, scenarios and training on MNIST and Fashion-MNIST.
+
+They skip with a reason where the data is absent (set CL_DATA_DIR to a folder holding MNIST/raw).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cl_lightning.data.sources import DatasetNotFoundError, load_fashion_mnist, load_mnist
+from cl_lightning.train import train
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["dataset.max_samples_per_task=1500", "epochs_per_task=1", "batch_size=64", "logger=none"]
+
+
+def _require(loader) -> None:
+    try:
+        loader(os.environ.get("CL_DATA_DIR", "./data"))
+    except DatasetNotFoundError as err:
+        pytest.skip(f"real data absent: {str(err)[:200]}")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "scenario", "n_outputs"),
+    [("split_mnist", "class_il", 10), ("split_mnist", "task_il", 10), ("split_mnist", "domain_il", 2)],
+)
+def test_split_mnist_learns_each_task(make_cfg, dataset: str, scenario: str, n_outputs: int) -> None:
+    _require(load_mnist)
+    cfg = make_cfg(f"dataset={dataset}", f"dataset.scenario={scenario}", *SMALL, synthetic=False)
+    results = train(cfg)
+    diag = torch.tensor(results["acc_matrix"]).diagonal()
+    assert bool((diag > 0.85).all()), diag
+    assert results["n_tasks"] == 5
+
+
+def test_permuted_and_rotated_mnist(make_cfg) -> None:
+    _require(load_mnist)
+    for dataset in ("permuted_mnist", "rotated_mnist"):
+        # ten classes per task: a few more steps than the two-class splits need
+        cfg = make_cfg(f"dataset={dataset}", "dataset.n_tasks=3", *SMALL, "epochs_per_task=4", synthetic=False)
+        results = train(cfg)
+        matrix = torch.tensor(results["acc_matrix"])
+        assert matrix.shape == (3, 3)
+        assert bool((matrix.diagonal() > 0.7).all()), (dataset, matrix)  # chance is 0.1
+
+
+def test_split_fashion_mnist(make_cfg) -> None:
+    _require(load_fashion_mnist)
+    results = train(make_cfg("dataset=split_fmnist", *SMALL, synthetic=False))
+    assert bool((torch.tensor(results["acc_matrix"]).diagonal() > 0.8).all())
