@@ -8,8 +8,10 @@ accuracy matrix. ``results.json`` and a checkpoint are written after every task.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -21,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
@@ -57,6 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
     integer("batch_size", 1)
     integer("seed", 0)
     integer("threads", 1, optional=True)
+    integer("max_tasks", 1, optional=True)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
         raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
@@ -142,10 +145,73 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def prepare_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
+    """Resolve ``resume=<run dir>``: the run's own resolved config and its last task-end checkpoint.
+
+    A resumed run continues in its original directory with the configuration it started with (taken from its
+    ``results.json``); only ``threads`` and ``max_tasks`` come from the resuming command. It refuses a directory without a checkpoint, a finished run,
+    and a checkpoint that cannot be read, leaving the directory as it was.
+    """
+    run_dir = Path(str(cfg.resume)).expanduser()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    results_file = run_dir / RESULTS_FILE
+    if not ckpt.is_file() or not results_file.is_file():
+        raise RunDirectoryError(
+            f"resume={run_dir}: no checkpoints/last.ckpt and results.json there (a run is resumable once it has "
+            "finished its first task); start a new run instead"
+        )
+    try:
+        previous = json.loads(results_file.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDirectoryError(f"resume={run_dir}: results.json is not valid JSON ({err})") from err
+    if previous.get("complete"):
+        raise RunDirectoryError(f"resume={run_dir}: that run is already complete; nothing to resume")
+    resumed = OmegaConf.create(previous["config"])
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(run_dir)
+        resumed.resume = str(run_dir)
+        # settings of the invocation, not of the experiment
+        resumed.threads = cfg.get("threads")
+        resumed.max_tasks = cfg.get("max_tasks")
+    return resumed, ckpt
+
+
+def restore(ckpt: Path, trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule) -> int:
+    """Load a task-end checkpoint into a freshly built run; return the first task still to train.
+
+    The module (weights, accuracy matrices, task counters), the datamodule, every continual method's state, the
+    fit loop's progress (so epochs and the global step continue) and the RNG state are restored; the optimizer is
+    not, since it is rebuilt at every task (``module.reset_optimizer``; with ``false`` its state is restored too).
+    """
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+    except Exception as err:  # noqa: BLE001 - any unreadable or mismatched checkpoint gets the same advice
+        raise RunDirectoryError(
+            f"resume: cannot load {ckpt} into this run ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "the checkpoint is corrupted or from an incompatible version; the run directory is left as it was"
+        ) from err
+    dm.load_state_dict(state.get(type(dm).__qualname__, {}))
+    saved = state.get("callbacks", {})
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, CLMethod) and callback.state_key in saved:
+            callback.load_state_dict(saved[callback.state_key])
+    trainer.fit_loop.load_state_dict(state["loops"]["fit_loop"])
+    if not module.reset_optimizer and state.get("optimizer_states"):
+        module.pending_optimizer_state = state["optimizer_states"][0]
+    if "rng_states" in state:
+        torch.set_rng_state(state["rng_states"]["torch"])
+    return int(module.task_finished) + 1
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment and return the final ``results.json`` payload."""
+    """Run one experiment (or resume one with ``resume=<run dir>``) and return its ``results.json`` payload."""
+    ckpt: Path | None = None
+    if cfg.get("resume"):
+        cfg, ckpt = prepare_resume(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    check_fresh_run_dir(run_dir)
+    if ckpt is None:
+        check_fresh_run_dir(run_dir)
     validate_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -182,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
+    config.pop("resume", None)
     train_s = eval_s = 0.0
 
     def evaluate(row: int) -> None:
@@ -191,9 +258,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.test(module, datamodule=dm, verbose=False)  # fills row `row` of the module's matrices
         eval_s += time.perf_counter() - start
 
-    evaluate(-1)  # the randomly initialised model: forward transfer's baseline
+    first = 0
+    if ckpt is not None:
+        first = restore(ckpt, trainer, module, dm)
+        previous = json.loads((run_dir / RESULTS_FILE).read_text())
+        train_s, eval_s = float(previous["train_seconds"]), float(previous["eval_seconds"])
+        log.info("resuming %s at task %d/%d", run_dir, first + 1, dm.n_tasks)
+    else:
+        evaluate(-1)  # the randomly initialised model: forward transfer's baseline
+    last = dm.n_tasks if cfg.get("max_tasks") is None else min(dm.n_tasks, first + int(cfg.max_tasks))
     results: dict[str, Any] = {}
-    for task in range(dm.n_tasks):
+    for task in range(first, last):
         dm.set_task(task)
         module.current_task.fill_(task)
         trainer.fit_loop.max_epochs = (task + 1) * epochs
@@ -218,23 +293,36 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             config=config,
             task_descriptions=[t.description for t in dm.tasks],
         )
+        if cfg.get("save_checkpoints", True):
+            # every rank calls it (Lightning writes on rank 0 and synchronises the others)
+            _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
             write_json_atomic(run_dir / RESULTS_FILE, results)
             _log_task(trainer, module, results, task)
             log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
-        if cfg.get("save_checkpoints", True):
-            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-            trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    if trainer.is_global_zero:
-        _log_hparams(trainer, cfg, results)
+    if trainer.is_global_zero and results:
+        if results["complete"]:
+            _log_hparams(trainer, cfg, results)
+        n_rows = results["tasks_completed"]
         matrix = torch.tensor(results["acc_matrix"])
-        print(format_matrix(matrix, dm.n_tasks))
+        print(format_matrix(matrix, n_rows))
         if "task_il_acc_matrix" in results:
             til = torch.tensor(results["task_il_acc_matrix"])
-            print(format_matrix(til, dm.n_tasks, "task-IL accuracy matrix (logits masked to the task's classes)"))
+            print(format_matrix(til, n_rows, "task-IL accuracy matrix (logits masked to the task's classes)"))
         print(f"{method.name} on {dm.name} ({dm.scenario}, seed {cfg.seed}): {format_summary(results)}")
         print(f"train {train_s:.1f}s, eval {eval_s:.1f}s; results in {run_dir / RESULTS_FILE}")
+        if not results["complete"]:
+            print(f"stopped after task {n_rows}/{dm.n_tasks}; continue with resume={run_dir}")
     return results
+
+
+def _save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
+    """Save atomically: write beside the target, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -132,3 +132,38 @@ def test_online_stream_hides_boundaries_and_needs_single_pass(make_cfg) -> None:
 def test_validation_split_can_be_the_evaluation_split(make_cfg) -> None:
     results = train(make_cfg("dataset.val_fraction=0.2", "dataset.eval_split=val", "logger=none"))
     assert len(results["acc_matrix"]) == 5
+
+
+@pytest.mark.parametrize("overrides", [[], ["optimizer=adam", "module.reset_optimizer=false", "model.dropout=0.3"]])
+def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg, overrides: list[str]) -> None:
+    whole_cfg = make_cfg(*overrides, "logger=none")
+    whole = train(whole_cfg)
+    cfg = make_cfg(*overrides, "logger=none", "max_tasks=2")
+    partial = train(cfg)
+    assert partial["tasks_completed"] == 2 and not partial["complete"]
+    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
+    assert resumed["complete"]
+    assert resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
+    assert resumed["init_acc"] == whole["init_acc"]
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    ref = torch.load(Path(whole_cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == ref["global_step"] == 5 * 4 * 5  # tasks x epochs x (80 samples / batch 16)
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(ckpt["state_dict"][key], value), key
+
+
+def test_resume_refuses_what_it_cannot_continue(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(RunDirectoryError, match="no checkpoints/last.ckpt"):
+        train(make_cfg(f"resume={tmp_path / 'empty'}"))
+    cfg = make_cfg("logger=none", "max_tasks=1")
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    before = (run_dir / "results.json").read_bytes()
+    with pytest.raises(RunDirectoryError, match="cannot load"):
+        train(make_cfg(f"resume={run_dir}"))
+    assert (run_dir / "results.json").read_bytes() == before
+    done = make_cfg("logger=none")
+    train(done)
+    with pytest.raises(RunDirectoryError, match="already complete"):
+        train(make_cfg(f"resume={done.paths.output_dir}"))

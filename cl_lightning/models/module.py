@@ -87,6 +87,8 @@ class CLModule(pl.LightningModule):
         self.eval_row = -1
         self._optimizer: torch.optim.Optimizer | None = None
         self._methods: list[CLMethod] = []
+        # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
+        self.pending_optimizer_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ forward and masks
     @override
@@ -157,9 +159,17 @@ class CLModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer is None or self.reset_optimizer:
             self._optimizer = self.optimizer_factory(params)
+            if self.pending_optimizer_state is not None:
+                self._optimizer.load_state_dict(self.pending_optimizer_state)
+                self.pending_optimizer_state = None
         if self.scheduler_factory is None:
             return self._optimizer
         return {"optimizer": self._optimizer, "lr_scheduler": self.scheduler_factory(self._optimizer)}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the global RNG drives augmentation and dropout: a resumed run draws what the uninterrupted one would
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
 
     # ------------------------------------------------------------------ evaluation
     @override
