@@ -29,7 +29,7 @@ from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, RunDirectoryError
-from cl_lightning.methods.base import CLMethod
+from cl_lightning.methods.base import CLMethod, check_combination
 from cl_lightning.models.module import CLModule
 from cl_lightning.results import build_results, format_matrix, format_summary, write_json_atomic
 
@@ -94,6 +94,23 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
         raise
 
 
+def build_methods(cfg: DictConfig) -> list[CLMethod]:
+    """The run's continual methods: ``method`` plus any combined with it under ``hybrid``.
+
+    ``python -m cl_lightning method=ewc +method@hybrid.er=er`` adds experience replay to EWC (Hydra's syntax for a
+    second option of the same group at another place in the config); ``hybrid.er.buffer_size=500`` sets its values.
+    """
+    nodes = [("method", cfg.method)] + [(f"hybrid.{k}", v) for k, v in (cfg.get("hybrid") or {}).items()]
+    methods = []
+    for key, node in nodes:
+        method = _instantiate(node)
+        if not isinstance(method, CLMethod):
+            raise ConfigError(f"{key}._target_={node.get('_target_')!r} is not a cl_lightning CLMethod")
+        methods.append(method)
+    check_combination(methods)
+    return methods
+
+
 def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
     factory = _instantiate(cfg.model)
     try:
@@ -149,8 +166,8 @@ def prepare_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
     """Resolve ``resume=<run dir>``: the run's own resolved config and its last task-end checkpoint.
 
     A resumed run continues in its original directory with the configuration it started with (taken from its
-    ``results.json``); only ``threads`` and ``max_tasks`` come from the resuming command. It refuses a directory without a checkpoint, a finished run,
-    and a checkpoint that cannot be read, leaving the directory as it was.
+    ``results.json``); only ``threads`` and ``max_tasks`` come from the resuming command. It refuses a directory
+    without a checkpoint, a finished run, and a checkpoint that cannot be read, leaving the directory as it was.
     """
     run_dir = Path(str(cfg.resume)).expanduser()
     ckpt = run_dir / "checkpoints" / "last.ckpt"
@@ -217,10 +234,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    method: CLMethod = _instantiate(cfg.method)
-    if not isinstance(method, CLMethod):
-        raise ConfigError(f"method._target_={cfg.method.get('_target_')!r} is not a cl_lightning CLMethod")
-    dm: TaskSequenceDataModule = _instantiate(cfg.dataset, cumulative=method.cumulative_data)
+    methods = build_methods(cfg)
+    name = "+".join(m.name for m in methods)
+    dm: TaskSequenceDataModule = _instantiate(cfg.dataset, cumulative=any(m.cumulative_data for m in methods))
     dm.setup("fit")
     net = _build_model(cfg, dm)
     module = CLModule(
@@ -231,11 +247,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         n_outputs=dm.n_outputs,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         hide_task_boundaries=dm.stream == "online",
+        preprocess=dm.preprocess,
         **cfg.module,
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     epochs = 1 if cfg.steps_per_task else cfg.epochs_per_task
-    callbacks: list[pl.Callback] = [method]
+    callbacks: list[pl.Callback] = [*methods]
     # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
     if progress:
@@ -279,7 +296,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise KeyboardInterrupt
         evaluate(task)
         results = build_results(
-            method=method.name,
+            method=name,
             dataset=dm.name,
             scenario=dm.scenario,
             seed=cfg.seed,
@@ -309,7 +326,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if "task_il_acc_matrix" in results:
             til = torch.tensor(results["task_il_acc_matrix"])
             print(format_matrix(til, n_rows, "task-IL accuracy matrix (logits masked to the task's classes)"))
-        print(f"{method.name} on {dm.name} ({dm.scenario}, seed {cfg.seed}): {format_summary(results)}")
+        print(f"{name} on {dm.name} ({dm.scenario}, seed {cfg.seed}): {format_summary(results)}")
         print(f"train {train_s:.1f}s, eval {eval_s:.1f}s; results in {run_dir / RESULTS_FILE}")
         if not results["complete"]:
             print(f"stopped after task {n_rows}/{dm.n_tasks}; continue with resume={run_dir}")

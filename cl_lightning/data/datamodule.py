@@ -11,7 +11,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data import scenarios
-from cl_lightning.data.batch import Batch
 from cl_lightning.data.loader import TensorBatchLoader
 from cl_lightning.data.scenarios import Task
 from cl_lightning.errors import ConfigError
@@ -237,18 +236,15 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         return self.eval_dataloaders()
 
     # ------------------------------------------------------------------ device-side preprocessing
-    @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not isinstance(batch, Batch):
-            return batch
-        training = self.trainer is not None and self.trainer.training
-        return batch._replace(x=self.preprocess(batch.x, augment=training and self.augment != "none"))
+    def preprocess(self, x: Tensor, train: bool = False) -> Tensor:
+        """Scale ``uint8`` inputs to [0, 1], augment (``train`` only, if configured) and normalise, on ``x``'s device.
 
-    def preprocess(self, x: Tensor, augment: bool = False) -> Tensor:
-        """Scale ``uint8`` inputs to [0, 1], augment (training only) and normalise, on ``x``'s device."""
+        Batches stay ``uint8`` until the module calls this, so methods that store samples keep them un-augmented
+        and four times smaller, and augment them again when they replay them (as Mammoth's buffers do).
+        """
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        if augment:
+        if train and self.augment == "crop_flip":
             x = random_crop_flip(x, padding=4)
         if self.mean is not None and self.std is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)

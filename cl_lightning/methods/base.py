@@ -36,12 +36,16 @@ class CLMethod(pl.Callback):
         supported_scenarios: Scenarios the method is defined for.
         needs_task_boundaries: The method acts at task boundaries and cannot run on an online stream.
         cumulative_data: The method trains on the union of all tasks seen so far (joint training).
+        gradient_edit: What the method does to gradients in ``on_before_optimizer_step`` (e.g. ``"projection"``,
+            ``"mask"``), or ``None``. Two methods that both edit gradients cannot be combined: the second would undo
+            the guarantee of the first.
     """
 
     name: ClassVar[str] = "method"
     supported_scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     needs_task_boundaries: ClassVar[bool] = False
     cumulative_data: ClassVar[bool] = False
+    gradient_edit: ClassVar[str | None] = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -72,7 +76,14 @@ class CLMethod(pl.Callback):
         """Called once when training on ``task_id`` has finished, before it is evaluated."""
 
     def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
-        """Extra loss terms for this training step, by name (summed with the task loss by the module)."""
+        """Extra loss terms for this training step, by name (summed with the task loss by the module).
+
+        Args:
+            pl_module: The module; ``pl_module.net``, ``pl_module.prepare(x, train=True)`` (stored inputs to network
+                inputs) and ``pl_module.training_logits(logits, task_id)`` (the scenario's masking) are the tools.
+            batch: The current batch, un-augmented, inputs as stored (``uint8`` for image datasets).
+            logits: The network's raw (unmasked) logits on the augmented batch, part of the autograd graph.
+        """
         return {}
 
     @override
@@ -82,3 +93,22 @@ class CLMethod(pl.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
+
+
+def check_combination(methods: list[CLMethod]) -> None:
+    """Refuse combinations that cannot work together, with the reason (``CONVENTIONS.md``, rule 3).
+
+    Methods combine when they use different doors or doors that add up (loss terms add; task events run in order);
+    at most one may edit gradients, and names must be distinct (they prefix the logged loss terms and key the state).
+    """
+    names = [m.name for m in methods]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"method {duplicates[0]} is listed twice; each method may appear once in a combination")
+    editors = [m for m in methods if m.gradient_edit is not None]
+    if len(editors) > 1:
+        described = " and ".join(f"{m.name} ({m.gradient_edit})" for m in editors)
+        raise ConfigError(
+            f"methods {described} both edit gradients before the optimizer step and cannot be combined; "
+            "keep one of them"
+        )

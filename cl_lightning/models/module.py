@@ -46,6 +46,8 @@ class CLModule(pl.LightningModule):
         train_outputs: Class-IL training logits: ``seen`` or ``all``.
         log_every_n_steps: Training losses reach the logger every this many optimizer steps.
         hide_task_boundaries: Online stream: methods get no task events.
+        preprocess: ``(x, train) -> x``: turns stored inputs (``uint8``) into network inputs on the device
+            (scaling, training-time augmentation, normalisation); the datamodule's ``preprocess``.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class CLModule(pl.LightningModule):
         train_outputs: str = "seen",
         log_every_n_steps: int = 50,
         hide_task_boundaries: bool = False,
+        preprocess: Callable[[Tensor, bool], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if train_outputs not in ("seen", "all"):
@@ -70,6 +73,7 @@ class CLModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scenario, self.reset_optimizer, self.train_outputs = scenario, reset_optimizer, train_outputs
         self.log_every_n_steps, self.hide_task_boundaries = log_every_n_steps, hide_task_boundaries
+        self.preprocess = preprocess
         n_tasks = len(task_outputs)
         self.n_tasks = n_tasks
         masks = torch.zeros(n_tasks, n_outputs, dtype=torch.bool)
@@ -94,6 +98,16 @@ class CLModule(pl.LightningModule):
     @override
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def prepare(self, x: Tensor, train: bool = False) -> Tensor:
+        """Network inputs from stored inputs: ``uint8`` scaled to [0, 1], augmented when ``train``, normalised.
+
+        Batches reach ``training_step`` un-augmented, so methods can store ``batch.x`` and call ``prepare(x,
+        train=True)`` when they replay it.
+        """
+        if self.preprocess is not None:
+            return self.preprocess(x, train)
+        return x.float().div(255.0) if x.dtype == torch.uint8 else x
 
     def seen_mask(self) -> Tensor:
         """Outputs of every task up to the current one."""
@@ -137,10 +151,11 @@ class CLModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logits = self.training_logits(self.net(batch.x), batch.task_id)
-        task_loss = F.cross_entropy(logits, batch.y)
+        logits = self.net(self.prepare(batch.x, train=True))
+        task_loss = F.cross_entropy(self.training_logits(logits, batch.task_id), batch.y)
         terms: dict[str, Tensor] = {}
         for method in self._methods:
+            # methods see the un-augmented batch and the raw (unmasked) logits of its augmented version
             for key, value in method.loss_terms(self, batch, logits).items():
                 terms[f"{method.name}/{key}"] = value
         loss = task_loss + sum(terms.values()) if terms else task_loss
@@ -174,7 +189,7 @@ class CLModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     @override
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self.net(batch.x)
+        logits = self.net(self.prepare(batch.x))
         j = dataloader_idx
         masked = logits.masked_fill(~self.output_masks[j], float("-inf"))
         preds = masked if self.scenario == "task_il" else logits
