@@ -97,6 +97,7 @@ def main() -> None:
         "| batch | steps | plain PyTorch median s | cl_lightning median s | ratio | bar |",
         "|---|---|---|---|---|---|",
     ]
+    raw: list[str] = []
     for bs in args.batch_sizes:
         steps = sum(-(-len(t.train_y) // bs) for t in dm.tasks)
         plain, light = [], []
@@ -109,12 +110,8 @@ def main() -> None:
         verdict = "met" if q / p <= bar else "NOT met"
         print(f"batch {bs}: {steps} steps, median plain {p:.2f}s, cl_lightning {q:.2f}s, ratio {q / p:.2f}")
         lines.append(f"| {bs} | {steps} | {p:.2f} | {q:.2f} | {q / p:.2f} | <= {bar} {verdict} |")
-        lines.append("")
-        lines.append(
-            f"batch {bs} raw times (s): plain {[round(v, 2) for v in plain]}, "
-            f"cl_lightning {[round(v, 2) for v in light]}"
-        )
-        lines.append("")
+        raw.append(f"- batch {bs}: plain {[round(v, 2) for v in plain]}, cl_lightning {[round(v, 2) for v in light]}")
+    lines += ["", "Raw times (s), in run order:", "", *raw]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")
