@@ -167,3 +167,25 @@ def test_resume_refuses_what_it_cannot_continue(make_cfg, tmp_path: Path) -> Non
     train(done)
     with pytest.raises(RunDirectoryError, match="already complete"):
         train(make_cfg(f"resume={done.paths.output_dir}"))
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet18_reduced"])
+def test_split_cifar_runs_end_to_end_on_real_format_files(make_cfg, tmp_path: Path, monkeypatch, model: str) -> None:
+    """`dataset=split_cifar` as users type it: real loader, normalisation and batched crop+flip augmentation."""
+    from helpers.fake_cifar import write_cifar10
+
+    write_cifar10(tmp_path / "data", monkeypatch)
+    overrides = [
+        f"data_dir={tmp_path / 'data'}",
+        f"model={model}",
+        "epochs_per_task=4",
+        "optimizer=adam",
+        "logger=none",
+    ]
+    if model == "resnet18_reduced":
+        overrides.append("model.nf=4")
+    results = train(make_cfg("dataset=split_cifar", *overrides, synthetic=False))
+    assert results["dataset"] == "split_cifar10" and len(results["acc_matrix"]) == 5
+    assert results["config"]["dataset"]["augment"] == "crop_flip"
+    # the first task's colour-coded classes are learned through normalisation and augmentation
+    assert results["acc_matrix"][0][0] > 0.9
