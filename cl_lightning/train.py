@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -119,7 +120,7 @@ def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module
         raise ConfigError(str(err)) from err
 
 
-def _log_task(trainer: pl.Trainer, module: CLModule, results: dict[str, Any], task: int) -> None:
+def _log_task(trainer: pl.Trainer, results: dict[str, Any], task: int) -> None:
     logger = trainer.logger
     if logger is None:
         return
@@ -135,7 +136,9 @@ def _log_task(trainer: pl.Trainer, module: CLModule, results: dict[str, Any], ta
     if experiment is not None and hasattr(experiment, "add_figure"):
         from cl_lightning.plots import accuracy_heatmap
 
-        matrix = module.acc_matrix.compute().cpu().numpy()
+        rows = results["acc_matrix"]
+        matrix = np.full((results["n_tasks"], results["n_tasks"]), np.nan)
+        matrix[: len(rows)] = rows
         experiment.add_figure("eval/acc_matrix", accuracy_heatmap(matrix, f"after task {task}"), global_step=step)
 
 
@@ -310,12 +313,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             config=config,
             task_descriptions=[t.description for t in dm.tasks],
         )
+        results["world_size"] = trainer.world_size
         if cfg.get("save_checkpoints", True):
             # every rank calls it (Lightning writes on rank 0 and synchronises the others)
             _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
         if trainer.is_global_zero:
             write_json_atomic(run_dir / RESULTS_FILE, results)
-            _log_task(trainer, module, results, task)
+            _log_task(trainer, results, task)
             log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
     if trainer.is_global_zero and results:
         if results["complete"]:
