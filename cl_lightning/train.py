@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ import hydra
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -39,6 +42,7 @@ log = logging.getLogger("cl_lightning")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 
 RESULTS_FILE = "results.json"
+FAILED_FILE = "failed.json"
 # The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
 # `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -349,8 +353,29 @@ def _save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     """Command line: ``python -m cl_lightning [group=option ...] [key=value ...]`` (``-m`` sweeps)."""
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         train(cfg)
     except (ConfigError, RunDirectoryError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        _record_failure(cfg, err)
+    except Exception as err:
+        if not multirun:
+            raise
+        log.exception("job failed")
+        _record_failure(cfg, err)
+
+
+def _record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """In a sweep, a failed job leaves ``failed.json`` in its directory and the sweep goes on.
+
+    The sweep summary lists failed jobs with their error, and the sweep exits non-zero at the end.
+    """
+    payload = {
+        "error": f"{type(err).__name__}: {err}",
+        "overrides": list(HydraConfig.get().overrides.task),
+        "traceback": traceback.format_exc(),
+    }
+    write_json_atomic(Path(HydraConfig.get().runtime.output_dir) / FAILED_FILE, payload)

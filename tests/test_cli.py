@@ -44,9 +44,9 @@ def test_multirun_writes_summary_over_seeds(tmp_path: Path) -> None:
     (summary_md,) = tmp_path.glob("*/*/summary.md")
     (summary_csv,) = tmp_path.glob("*/*/summary.csv")
     text = summary_md.read_text()
-    assert "| joint | blobs | class_il | 2 |" in text and "| naive | blobs | class_il | 2 |" in text
+    assert "| joint | blobs | class_il | - | 2 |" in text and "| naive | blobs | class_il | - | 2 |" in text
     rows = summary_csv.read_text().splitlines()
-    assert rows[0].startswith("method,dataset,scenario,runs,seeds") and len(rows) == 3
+    assert rows[0].startswith("method,dataset,scenario,setting,runs,seeds") and len(rows) == 3
     assert len(list(summary_md.parent.glob("*/results.json"))) == 4
 
 
@@ -78,3 +78,16 @@ def test_missing_dataset_says_where_it_looked(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "CIFAR-10 was not found" in proc.stderr or "not found" in proc.stderr
     assert str(tmp_path / "nowhere") in proc.stderr
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    proc = run_cli(
+        "-m", "optimizer.lr=0.1,-1,0.05", "dataset.source._target_=helpers.synthetic.blobs", "dataset.name=blobs",
+        "epochs_per_task=1", "logger=none", "save_checkpoints=false", out=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, "the sweep reports its failed job to the shell"
+    (summary_md,) = tmp_path.glob("*/*/summary.md")
+    assert len(list(summary_md.parent.glob("*/results.json"))) == 2, "the jobs after the failed one ran"
+    text = summary_md.read_text()
+    assert "## Failed jobs (1)" in text and "optimizer.lr=-1" in text
+    assert "| naive | blobs | class_il | optimizer.lr=0.05 | 1 |" in text, "swept settings are not pooled"
