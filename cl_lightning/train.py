@@ -43,6 +43,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 
 RESULTS_FILE = "results.json"
 FAILED_FILE = "failed.json"
+SUMMARY_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc")
 # The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
 # `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -68,6 +69,9 @@ def validate_config(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
         raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in SUMMARY_METRICS:
+        raise ConfigError(f"optimized_metric={metric!r}: choose one of {', '.join(SUMMARY_METRICS)}")
     stream = OmegaConf.select(cfg, "dataset.stream")
     if stream == "online" and (cfg.epochs_per_task != 1 or cfg.steps_per_task is not None):
         raise ConfigError(
@@ -351,11 +355,16 @@ def _save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Command line: ``python -m cl_lightning [group=option ...] [key=value ...]`` (``-m`` sweeps)."""
+def main(cfg: DictConfig) -> float | None:
+    """Command line: ``python -m cl_lightning [group=option ...] [key=value ...]`` (``-m`` sweeps).
+
+    Returns ``results[optimized_metric]`` when ``optimized_metric`` is set, for Hydra's Optuna sweeper.
+    """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    metric = cfg.get("optimized_metric")
     try:
-        train(cfg)
+        results = train(cfg)
+        return float(results[metric]) if metric else None
     except (ConfigError, RunDirectoryError, DatasetNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
@@ -366,6 +375,7 @@ def main(cfg: DictConfig) -> None:
             raise
         log.exception("job failed")
         _record_failure(cfg, err)
+    return float("nan") if metric else None
 
 
 def _record_failure(cfg: DictConfig, err: BaseException) -> None:
