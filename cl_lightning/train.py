@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cl_lightning.callbacks.progress import TaskProgressBar
@@ -66,6 +67,7 @@ def validate_config(cfg: DictConfig) -> None:
     integer("seed", 0)
     integer("threads", 1, optional=True)
     integer("max_tasks", 1, optional=True)
+    integer("checkpoint_every_n_steps", 1, optional=True)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
         raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
@@ -173,51 +175,68 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def prepare_resume(cfg: DictConfig) -> tuple[DictConfig, Path]:
-    """Resolve ``resume=<run dir>``: the run's own resolved config and its last task-end checkpoint.
+def prepare_resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
+    """Resolve ``resume=<run dir>``: the run's own resolved config and its newest readable checkpoint.
 
-    A resumed run continues in its original directory with the configuration it started with (taken from its
-    ``results.json``); only ``threads`` and ``max_tasks`` come from the resuming command. It refuses a directory
-    without a checkpoint, a finished run, and a checkpoint that cannot be read, leaving the directory as it was.
+    The checkpoints are ``checkpoints/last.ckpt`` (after every task) and ``checkpoints/mid_task.ckpt`` (every
+    ``checkpoint_every_n_steps`` steps); the newer (by global step) that loads wins, so a run killed in the middle
+    of a task continues from the middle of that task. The run continues in its original directory with the
+    configuration it started with (stored in the checkpoint); only ``threads``, ``max_tasks`` and the extra
+    ``callbacks`` come from the resuming command. A directory without a loadable checkpoint or with a finished run
+    is refused and left as it was.
     """
     run_dir = Path(str(cfg.resume)).expanduser()
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
     results_file = run_dir / RESULTS_FILE
-    if not ckpt.is_file() or not results_file.is_file():
+    if results_file.is_file():
+        try:
+            if json.loads(results_file.read_text()).get("complete"):
+                raise RunDirectoryError(f"resume={run_dir}: that run is already complete; nothing to resume")
+        except json.JSONDecodeError as err:
+            raise RunDirectoryError(f"resume={run_dir}: results.json is not valid JSON ({err})") from err
+    paths = [run_dir / "checkpoints" / name for name in ("last.ckpt", "mid_task.ckpt")]
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
         raise RunDirectoryError(
-            f"resume={run_dir}: no checkpoints/last.ckpt and results.json there (a run is resumable once it has "
-            "finished its first task); start a new run instead"
+            f"resume={run_dir}: no checkpoints/last.ckpt or checkpoints/mid_task.ckpt there; start a new run instead"
         )
-    try:
-        previous = json.loads(results_file.read_text())
-    except json.JSONDecodeError as err:
-        raise RunDirectoryError(f"resume={run_dir}: results.json is not valid JSON ({err})") from err
-    if previous.get("complete"):
-        raise RunDirectoryError(f"resume={run_dir}: that run is already complete; nothing to resume")
-    resumed = OmegaConf.create(previous["config"])
+    loaded, problems = [], []
+    for path in paths:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            loaded.append((int(state["global_step"]), path, state, state["cl_lightning"]["config"]))
+        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is skipped for an older one
+            problems.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+    if not loaded:
+        raise RunDirectoryError(
+            f"resume={run_dir}: cannot load any checkpoint ({'; '.join(problems)}); they are corrupted or from an "
+            "incompatible version; the run directory is left as it was"
+        )
+    _, path, state, config = max(loaded, key=lambda item: item[0])
+    resumed = OmegaConf.create(config)
     with open_dict(resumed):
         resumed.paths.output_dir = str(run_dir)
         resumed.resume = str(run_dir)
         # settings of the invocation, not of the experiment
         resumed.threads = cfg.get("threads")
         resumed.max_tasks = cfg.get("max_tasks")
-    return resumed, ckpt
+        resumed.callbacks = cfg.get("callbacks") or {}
+    return resumed, state, path
 
 
-def restore(ckpt: Path, trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule) -> int:
-    """Load a task-end checkpoint into a freshly built run; return the first task still to train.
+def restore(state: dict[str, Any], trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule) -> int:
+    """Load a checkpoint into a freshly built run; return the first task still to train (or to finish).
 
     The module (weights, accuracy matrices, task counters), the datamodule, every continual method's state, the
-    fit loop's progress (so epochs and the global step continue) and the RNG state are restored; the optimizer is
-    not, since it is rebuilt at every task (``module.reset_optimizer``; with ``false`` its state is restored too).
+    fit loop's progress (so epochs, the global step and, mid-task, the position in the epoch continue) and the RNG
+    state are restored. The optimizer is restored for a mid-task checkpoint, and at a task boundary only when it is
+    kept across tasks (``module.reset_optimizer=false``).
     """
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
-    except Exception as err:  # noqa: BLE001 - any unreadable or mismatched checkpoint gets the same advice
+    except RuntimeError as err:
         raise RunDirectoryError(
-            f"resume: cannot load {ckpt} into this run ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            "the checkpoint is corrupted or from an incompatible version; the run directory is left as it was"
+            f"resume: the checkpoint does not fit this run ({str(err).splitlines()[0][:200]}); it is from an "
+            "incompatible version; the run directory is left as it was"
         ) from err
     dm.load_state_dict(state.get(type(dm).__qualname__, {}))
     saved = state.get("callbacks", {})
@@ -225,7 +244,8 @@ def restore(ckpt: Path, trainer: pl.Trainer, module: CLModule, dm: TaskSequenceD
         if isinstance(callback, CLMethod) and callback.state_key in saved:
             callback.load_state_dict(saved[callback.state_key])
     trainer.fit_loop.load_state_dict(state["loops"]["fit_loop"])
-    if not module.reset_optimizer and state.get("optimizer_states"):
+    mid_task = int(module.task_finished) < int(module.current_task)
+    if (mid_task or not module.reset_optimizer) and state.get("optimizer_states"):
         module.pending_optimizer_state = state["optimizer_states"][0]
     if "rng_states" in state:
         torch.set_rng_state(state["rng_states"]["torch"])
@@ -234,11 +254,12 @@ def restore(ckpt: Path, trainer: pl.Trainer, module: CLModule, dm: TaskSequenceD
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment (or resume one with ``resume=<run dir>``) and return its ``results.json`` payload."""
-    ckpt: Path | None = None
+    resume_state: dict[str, Any] | None = None
     if cfg.get("resume"):
-        cfg, ckpt = prepare_resume(cfg)
+        cfg, resume_state, ckpt_path = prepare_resume(cfg)
+        log.info("resuming from %s", ckpt_path)
     run_dir = Path(cfg.paths.output_dir)
-    if ckpt is None:
+    if resume_state is None:
         check_fresh_run_dir(run_dir)
     validate_config(cfg)
     if cfg.get("threads"):
@@ -268,9 +289,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
     if progress:
         callbacks.append(TaskProgressBar(dm.n_tasks, epochs))
+    every = cfg.get("checkpoint_every_n_steps")
+    if every:
+        # mid-task checkpoints (Lightning's own, with the loop and dataloader position) for exact resume
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="mid_task", every_n_train_steps=int(every),
+                save_top_k=1, save_last=False, enable_version_counter=False,
+            )
+        )  # fmt: skip
+    callbacks += [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress
-    )
+        cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,
+        enable_checkpointing=bool(every),
+    )  # fmt: skip
 
     # One fit per task: Lightning's per-fit notices ("`Trainer.fit` stopped", tips) would repeat T times.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -278,6 +310,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     assert isinstance(config, dict)
     config.pop("resume", None)
     train_s = eval_s = 0.0
+    module.run_info = {"config": config, "train_seconds": 0.0, "eval_seconds": 0.0}
 
     def evaluate(row: int) -> None:
         nonlocal eval_s
@@ -287,10 +320,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         eval_s += time.perf_counter() - start
 
     first = 0
-    if ckpt is not None:
-        first = restore(ckpt, trainer, module, dm)
-        previous = json.loads((run_dir / RESULTS_FILE).read_text())
-        train_s, eval_s = float(previous["train_seconds"]), float(previous["eval_seconds"])
+    if resume_state is not None:
+        first = restore(resume_state, trainer, module, dm)
+        saved = resume_state["cl_lightning"]
+        train_s, eval_s = float(saved["train_seconds"]), float(saved["eval_seconds"])
         log.info("resuming %s at task %d/%d", run_dir, first + 1, dm.n_tasks)
     else:
         evaluate(-1)  # the randomly initialised model: forward transfer's baseline
@@ -301,6 +334,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.current_task.fill_(task)
         trainer.fit_loop.max_epochs = (task + 1) * epochs
         start = time.perf_counter()
+        module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}  # as of this task's start
         trainer.fit(module, datamodule=dm)
         train_s += time.perf_counter() - start
         if trainer.interrupted:
@@ -323,8 +357,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         results["world_size"] = trainer.world_size
         if cfg.get("save_checkpoints", True):
+            module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
             # every rank calls it (Lightning writes on rank 0 and synchronises the others)
             _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
+            (run_dir / "checkpoints" / "mid_task.ckpt").unlink(missing_ok=True)  # older than last.ckpt now
         if trainer.is_global_zero:
             write_json_atomic(run_dir / RESULTS_FILE, results)
             _log_task(trainer, results, task)

@@ -52,6 +52,8 @@ class TensorBatchLoader:
         self.index = torch.arange(len(y)) if index is None else index
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
+        self._yielded = 0  # batches handed out in the current pass
+        self._skip = 0  # batches to skip at the next pass (set by load_state_dict: mid-epoch resume)
 
     def _per_rank(self) -> int:
         n = len(self.y)
@@ -81,8 +83,20 @@ class TensorBatchLoader:
             chunks: Iterator[Tensor] = iter(order.split(self.batch_size))
         else:
             chunks = self._fixed_number(order, gen)
-        for idx in chunks:
+        skip, self._skip, self._yielded = self._skip, 0, 0
+        for i, idx in enumerate(chunks):
+            if i < skip:
+                continue  # replayed, not served: the permutation and the generator advance as they did
+            self._yielded = i + 1
             yield Batch(self.x[idx], self.y[idx], self.task_id[idx], self.index[idx])
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the current pass; Lightning saves it in mid-epoch checkpoints."""
+        return {"yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the pass after the batches already served (the same seed gives the same batches)."""
+        self._skip = int(state_dict.get("yielded", 0))
 
     def _fixed_number(self, order: Tensor, gen: torch.Generator) -> Iterator[Tensor]:
         assert self.n_batches is not None

@@ -93,6 +93,8 @@ class CLModule(pl.LightningModule):
         self._methods: list[CLMethod] = []
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
+        # the run's resolved config and timings, stored in every checkpoint so a resume needs nothing else
+        self.run_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ forward and masks
     @override
@@ -185,6 +187,7 @@ class CLModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # the global RNG drives augmentation and dropout: a resumed run draws what the uninterrupted one would
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        checkpoint["cl_lightning"] = self.run_info
 
     # ------------------------------------------------------------------ evaluation
     @override
