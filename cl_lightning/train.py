@@ -30,6 +30,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
@@ -68,6 +69,8 @@ def validate_config(cfg: DictConfig) -> None:
     integer("threads", 1, optional=True)
     integer("max_tasks", 1, optional=True)
     integer("checkpoint_every_n_steps", 1, optional=True)
+    integer("eval_every_n_steps", 1, optional=True)
+    integer("eval_max_samples_per_task", 1, optional=True)
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
         raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
@@ -298,6 +301,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 save_top_k=1, save_last=False, enable_version_counter=False,
             )
         )  # fmt: skip
+    if cfg.get("eval_every_n_steps"):
+        callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
     callbacks += [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,

@@ -191,3 +191,15 @@ def test_split_cifar_runs_end_to_end_on_real_format_files(make_cfg, tmp_path: Pa
         # the first task's colour-coded classes are learned through normalisation and augmentation (the ResNet's
         # BatchNorm running statistics, used in evaluation, need more steps than this test takes to settle)
         assert results["acc_matrix"][0][0] > 0.9
+
+
+def test_periodic_evaluation_draws_forgetting_curves_without_changing_the_run(make_cfg) -> None:
+    plain = train(make_cfg("logger=none"))
+    cfg = make_cfg("eval_every_n_steps=5")
+    curved = train(cfg)
+    assert curved["acc_matrix"] == plain["acc_matrix"], "read-only: same weights, same RNG draws"
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    curve = events.Scalars("eval_curve/task_0")
+    assert [e.step for e in curve] == list(range(5, 101, 5)), "every 5 of the 100 steps"
+    assert curve[3].value > 0.9 > curve[-1].value, "task 0 learned by step 20, then forgotten (class-IL, naive)"
