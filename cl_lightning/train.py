@@ -95,6 +95,14 @@ def check_fresh_run_dir(run_dir: Path) -> None:
         )
 
 
+def _launch_rank() -> int:
+    """This process's global rank as the launcher (Lightning, torchrun or SLURM) set it, before DDP starts."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def _instantiate(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets our one-line errors through instead of Hydra's multi-line wrapper."""
     try:
@@ -262,7 +270,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, resume_state, ckpt_path = prepare_resume(cfg)
         log.info("resuming from %s", ckpt_path)
     run_dir = Path(cfg.paths.output_dir)
-    if resume_state is None:
+    if resume_state is None and _launch_rank() == 0:
+        # only the first process checks: under DDP the others share its directory
         check_fresh_run_dir(run_dir)
     validate_config(cfg)
     if cfg.get("threads"):
