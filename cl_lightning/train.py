@@ -35,6 +35,7 @@ from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, RunDirectoryError
+from cl_lightning.loggers import SequenceTensorBoardLogger
 from cl_lightning.methods.base import CLMethod, check_combination
 from cl_lightning.models.module import CLModule
 from cl_lightning.results import build_results, format_matrix, format_summary, write_json_atomic
@@ -379,9 +380,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             write_json_atomic(run_dir / RESULTS_FILE, results)
             _log_task(trainer, results, task)
             log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
+    if trainer.is_global_zero and results and results["complete"]:
+        _log_hparams(trainer, cfg, results)
+    if isinstance(trainer.logger, SequenceTensorBoardLogger):
+        trainer.logger.close()
     if trainer.is_global_zero and results:
-        if results["complete"]:
-            _log_hparams(trainer, cfg, results)
         n_rows = results["tasks_completed"]
         matrix = torch.tensor(results["acc_matrix"])
         print(format_matrix(matrix, n_rows))

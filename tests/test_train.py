@@ -84,6 +84,7 @@ def test_tensorboard_has_every_view(make_cfg) -> None:
     assert len(events.Images("eval/acc_matrix")) == 5, "one heatmap per task end"
     steps = [e.step for e in events.Scalars("eval/acc/task_0")]
     assert steps == sorted(steps) and len(set(steps)) == 5, "continuous global steps across tasks"
+    assert len(list((Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*"))) == 1, "one file"
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams"), "HParams tab"
     assert "hparam/avg_acc" in scalars
 

@@ -1,0 +1,234 @@
+"""``python -m cl_lightning.report``: every figure is opened and checked, on a real run and on a hand-made sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+from cl_lightning.callbacks.sweep_summary import summarize_runs
+from cl_lightning.plots import accuracy_curves, accuracy_heatmap, comparison_bars
+from cl_lightning.report import compare, find_runs, main, write_report
+from cl_lightning.results import build_results, write_json_atomic
+from cl_lightning.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["logger=none", "epochs_per_task=1", "save_checkpoints=false", "threads=1"]
+
+
+def assert_png(path: Path, min_width: int = 200, min_height: int = 200) -> np.ndarray:
+    """The PNG exists, has a plausible size and is not blank (varying pixels, several colours)."""
+    assert path.is_file(), f"missing figure {path}"
+    image = mpimg.imread(path)
+    height, width = image.shape[:2]
+    assert width >= min_width and height >= min_height, f"{path.name} is {width}x{height}"
+    assert float(image.std()) > 0, f"{path.name} is blank"
+    colours = np.unique(image.reshape(-1, image.shape[-1]), axis=0)
+    assert len(colours) > 10, f"{path.name} has {len(colours)} colours"
+    return image
+
+
+def fake_run(
+    sweep: Path,
+    job: str,
+    method: str,
+    seed: int,
+    matrix: list[list[float]],
+    n_tasks: int = 3,
+    scenario: str = "class_il",
+) -> Path:
+    """Write ``<sweep>/<job>/results.json`` as ``train()`` would after ``len(matrix)`` of ``n_tasks`` tasks."""
+    full = torch.full((n_tasks, n_tasks), float("nan"))
+    full[: len(matrix)] = torch.tensor(matrix)
+    results = build_results(
+        method=method,
+        dataset="blobs",
+        scenario=scenario,
+        seed=seed,
+        n_tasks=n_tasks,
+        n_done=len(matrix),
+        acc_matrix=full,
+        baseline=torch.full((n_tasks,), 0.1),
+        task_il_matrix=full if scenario == "class_il" else None,
+        train_seconds=1.5,
+        eval_seconds=0.5,
+        config={"method": {"_target_": method}},
+        task_descriptions=[f"classes [{2 * t}, {2 * t + 1}]" for t in range(n_tasks)],
+    )
+    write_json_atomic(sweep / job / "results.json", results)
+    return sweep / job
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """A sweep directory: naive and joint over two seeds, one run stopped after 1 of 3 tasks."""
+    root = tmp_path / "sweep"
+    naive = [[0.9, 0.1, 0.0], [0.2, 0.95, 0.0], [0.1, 0.2, 0.97]]
+    joint = [[0.9, 0.1, 0.0], [0.85, 0.9, 0.1], [0.8, 0.85, 0.9]]
+    fake_run(root, "0_naive_seed0", "naive", 0, naive)
+    fake_run(root, "1_naive_seed1", "naive", 1, [[v * 0.9 for v in row] for row in naive])
+    fake_run(root, "2_joint_seed0", "joint", 0, joint)
+    fake_run(root, "3_joint_seed1", "joint", 1, [[min(1.0, v * 1.05) for v in row] for row in joint])
+    fake_run(root, "4_joint_seed2", "joint", 2, joint[:1])
+    (root / "summary.md").write_text("| method |\n")  # what the sweep callback leaves beside the jobs
+    return root
+
+
+def test_figures_are_drawn(tmp_path: Path) -> None:
+    matrix = np.array([[0.9, 0.1, 0.0, 0.05], [0.4, 0.95, 0.0, 0.1], [0.3, 0.5, 0.9, 0.2]])
+    rows = [
+        {"method": "naive", "dataset": "d", "scenario": "class_il", "runs": 3, "avg_acc_mean": 0.2, "avg_acc_std": 0.05,
+         "forgetting_mean": 0.8, "forgetting_std": 0.1},
+        {"method": "joint", "dataset": "d", "scenario": "class_il", "runs": 1, "avg_acc_mean": 0.9, "avg_acc_std": 0.0},
+    ]  # fmt: skip
+    padded = np.vstack([matrix, np.full((1, 4), np.nan)])
+    figures = {
+        "heatmap": accuracy_heatmap(padded, "stopped after 3/4"),
+        "curves": accuracy_curves(matrix),
+        "one_row": accuracy_curves(matrix[:1]),
+        "bars": comparison_bars(rows, title="two groups"),
+    }
+    for name, fig in figures.items():
+        fig.savefig(tmp_path / f"{name}.png", dpi=100)
+        assert_png(tmp_path / f"{name}.png")
+    width = mpimg.imread(tmp_path / "bars.png").shape[1]
+    assert width > mpimg.imread(tmp_path / "curves.png").shape[1], "one panel per metric, side by side"
+
+
+def test_report_on_a_trained_run(make_cfg, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = make_cfg(*FAST)
+    results = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    capsys.readouterr()
+    main([str(run_dir)])
+    assert "report written to" in capsys.readouterr().out
+    out = run_dir / "report"
+    text = (out / "report.md").read_text()
+    assert "1 run(s) found" in text and "1 complete, 0 incomplete" in text
+    assert "naive on blobs (class_il, seed 0), complete" in text
+    assert f"avg_acc {100 * results['avg_acc']:.2f}%" in text
+    assert "| after task | T0 | T1 | T2 | T3 | T4 |" in text
+    last_row = " | ".join(f"{100 * v:.2f}" for v in results["acc_matrix"][-1])
+    assert f"| 4 | {last_row} |" in text
+    assert "| naive | blobs | class_il | 1 | 0 |" in text, "the comparison table"
+    (run_plots,) = (out / "runs").iterdir()
+    for kind in ("acc_matrix", "acc_curves", "task_il_acc_matrix"):
+        assert_png(run_plots / f"{kind}.png")
+        assert f"runs/{run_plots.name}/{kind}.png" in text
+    assert_png(out / "comparison.png")
+    assert sorted(p.name for p in out.rglob("*.png")) == [
+        "acc_curves.png", "acc_matrix.png", "comparison.png", "task_il_acc_matrix.png",
+    ]  # fmt: skip
+
+
+def test_report_on_a_sweep(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "elsewhere" / "report"
+    report = write_report(sweep, out)
+    assert report == out / "report.md" and not (sweep / "report").exists()
+    text = report.read_text()
+    assert "5 run(s) found" in text and "4 complete, 1 incomplete" in text
+    assert "| joint | blobs | class_il | 2 (+1 incomplete) | 0 1 |" in text
+    assert "| naive | blobs | class_il | 2 | 0 1 |" in text
+    assert "## Incomplete runs" in text and "| 4_joint_seed2 | joint | blobs | class_il | 2 | 1/3 |" in text
+    assert "joint on blobs (class_il, seed 2), **incomplete**: 1/3 tasks trained" in text
+    assert_png(out / "comparison.png")
+    for job in ("0_naive_seed0", "1_naive_seed1", "2_joint_seed0", "3_joint_seed1", "4_joint_seed2"):
+        for kind in ("acc_matrix", "acc_curves", "task_il_acc_matrix"):
+            assert_png(out / "runs" / job / f"{kind}.png")
+
+
+def test_groups_are_the_sweep_summary_s(sweep: Path) -> None:
+    runs, _ = find_runs(sweep)
+    assert compare(sweep, runs).rows == [row | {"sweep": "."} for row in summarize_runs(sweep)]
+
+
+def test_swept_settings_failed_jobs_and_several_sweeps(tmp_path: Path) -> None:
+    """A tree of two sweeps: one swept the learning rate (not pooled), one had a failed job; neither is pooled."""
+    root = tmp_path / "outputs"
+    matrix = [[0.9, 0.0], [0.5, 0.9]]
+    for i, lr in enumerate(["0.1", "0.1", "0.01"]):
+        job = fake_run(root / "lr_sweep", f"{i}_naive", "naive", i, matrix, n_tasks=2)
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n- seed={i}\n")
+    fake_run(root / "other", "0_naive", "naive", 0, matrix, n_tasks=2)
+    (root / "other" / "1_naive" / ".hydra").mkdir(parents=True)
+    write_json_atomic(root / "other" / "1_naive" / "failed.json", {"error": "ConfigError: optimizer.lr=-1: bad"})
+    (root / "broken" / "0_run").mkdir(parents=True)
+    (root / "broken" / "0_run" / "results.json").write_text("{not json")
+
+    text = write_report(root).read_text()
+    assert "| sweep | method | dataset | scenario | setting | runs |" in text
+    assert "| lr_sweep | naive | blobs | class_il | optimizer.lr=0.1 | 2 | 0 1 |" in text
+    assert "| lr_sweep | naive | blobs | class_il | optimizer.lr=0.01 | 1 | 2 |" in text
+    assert "| other | naive | blobs | class_il | - | 1 | 0 |" in text
+    assert "## Failed jobs" in text and "- `other/1_naive`: ConfigError: optimizer.lr=-1: bad" in text
+    assert "## Unreadable results" in text and "broken/0_run/results.json" in text and "not valid JSON" in text
+    assert "Overrides: `optimizer.lr=0.01` `seed=2`" in text
+    assert_png(root / "report" / "comparison.png")
+
+
+def test_one_corrupt_file_skips_its_sweep_s_comparison_only(sweep: Path) -> None:
+    (sweep / "9_broken").mkdir()
+    (sweep / "9_broken" / "results.json").write_text("{not json")
+    text = write_report(sweep).read_text()
+    assert "Not summarised: `.`: JSONDecodeError" in text
+    assert "9_broken/results.json`: not valid JSON" in text
+    assert text.count("![accuracy matrix]") == 5, "every readable run still gets its section"
+
+
+def test_the_report_directory_is_not_searched(sweep: Path) -> None:
+    write_report(sweep)
+    runs, _ = find_runs(sweep, exclude=sweep / "report")
+    assert len(runs) == 5
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_dir", "taken", "no_results"])
+def test_errors_exit_2_with_one_line(
+    sweep: Path, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "report.md").write_text("an earlier report")
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    argv, expected = {
+        "missing": ([str(tmp_path / "nowhere")], "nowhere: no such directory"),
+        "not_a_dir": ([str(tmp_path / "file.txt")], "file.txt: not a directory"),
+        "taken": ([str(sweep), "--out", str(taken)], f"{taken} already exists and is not empty"),
+        "no_results": ([str(tmp_path / "empty")], "no results.json found"),
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert "--out" in err or case != "taken"
+    assert (taken / "report.md").read_text() == "an earlier report"
+    assert not (tmp_path / "empty" / "report").exists()
+
+
+def test_an_empty_out_directory_is_used(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ready"
+    out.mkdir()
+    assert write_report(sweep, out).is_file()
+
+
+def test_command_line(sweep: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cl_lightning.report", str(sweep)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"report written to {sweep / 'report' / 'report.md'}" in first.stdout
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"error: {sweep / 'report'} already exists and is not empty; its files are kept: choose another with --out DIR"
+    ]
+    assert json.loads((sweep / "0_naive_seed0" / "results.json").read_text())["method"] == "naive"
