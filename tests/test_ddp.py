@@ -38,3 +38,19 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for row_single, row_ddp in zip(single["acc_matrix"], ddp["acc_matrix"], strict=True):
         assert row_ddp == pytest.approx(row_single, abs=0.02)
     assert ddp["init_acc"] == single["init_acc"], "evaluation shards cover every test sample exactly once"
+
+
+METHODS = ["ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_under_ddp_with_identical_ranks(tmp_path: Path, method: str) -> None:
+    """2 processes: the run completes, and at every task end all ranks hold the same weights and method state."""
+    results = run(
+        tmp_path, f"method={method}", "trainer=ddp", "trainer.devices=2", "batch_size=8", "dataset.scenario=task_il",
+        "optimizer=adam", "optimizer.lr=0.01",
+        "+callbacks.same._target_=helpers.ddp_check.SameOnAllRanks",
+    )  # fmt: skip
+    assert results["world_size"] == 2 and results["complete"]
+    assert min(results["acc_matrix"][i][i] for i in range(5)) > 0.6, "each task is learned"
