@@ -1,0 +1,60 @@
+"""Distillation loss against a hand-written KL, grouped softmaxes, and the T^2 scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl_lightning.core.distill import distillation_loss, output_groups
+
+
+def reference(student: torch.Tensor, teacher: torch.Tensor, groups: list[list[int]], t: float) -> torch.Tensor:
+    total = torch.zeros(())
+    for g in groups:
+        p = (teacher[:, g] / t).softmax(-1)
+        q = (student[:, g] / t).softmax(-1)
+        total = total + (p * (p.log() - q.log())).sum(-1).mean()
+    return total * t**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_matches_the_per_group_kl_and_groups_may_be_a_tensor_or_a_list(temperature: float) -> None:
+    torch.manual_seed(0)
+    student, teacher = torch.randn(8, 6), torch.randn(8, 6)
+    groups = [[0, 1], [2, 3], [4, 5]]
+    expected = reference(student, teacher, groups, temperature)
+    as_tensor = distillation_loss(student, teacher, torch.tensor(groups), temperature)
+    as_list = distillation_loss(student, teacher, [torch.tensor(g) for g in groups], temperature)
+    torch.testing.assert_close(as_tensor, expected)
+    torch.testing.assert_close(as_list, expected)
+
+
+def test_zero_when_student_agrees_positive_otherwise_and_teacher_gets_no_gradient() -> None:
+    z = torch.randn(4, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    assert distillation_loss(z, z.detach(), [torch.tensor([0, 1, 2])]).item() == pytest.approx(0.0, abs=1e-7)
+    loss = distillation_loss(z, teacher, [torch.tensor([0, 4]), torch.tensor([1, 2, 3])])
+    assert loss.item() > 0
+    loss.backward()
+    assert teacher.grad is None and z.grad is not None
+
+
+def test_gradient_scale_is_independent_of_a_large_temperature() -> None:
+    """Hinton et al. (2015): soft targets' gradients scale as 1/T^2, which the T^2 factor undoes. For large T,
+    dL/dz = T (q - p) / B -> (z - z_teacher - their mean) / (K B), the same for every T."""
+    torch.manual_seed(1)
+    student, teacher = torch.randn(16, 4), torch.randn(16, 4)
+    norms = []
+    for t in (10.0, 40.0):
+        z = student.clone().requires_grad_(True)
+        distillation_loss(z, teacher, torch.tensor([[0, 1, 2, 3]]), t).backward()
+        norms.append(z.grad.norm().item())
+    assert norms[1] == pytest.approx(norms[0], rel=0.02)
+
+
+def test_output_groups() -> None:
+    masks = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    groups = output_groups(masks)
+    assert isinstance(groups, list) and [g.tolist() for g in groups] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), [torch.tensor([0, 1])], temperature=0.0)
