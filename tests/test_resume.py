@@ -24,7 +24,10 @@ def cli(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("extra", [[], ["optimizer=adam", "model.dropout=0.2"]])
+ADAM_DROPOUT = pytest.param(["optimizer=adam", "model.dropout=0.2"], marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("extra", [[], ADAM_DROPOUT])
 def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path, extra: list[str]) -> None:
     (tmp_path / "whole").mkdir()
     (tmp_path / "killed").mkdir()
@@ -32,8 +35,8 @@ def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path, extra: li
     assert whole.returncode == 0, whole.stderr[-2000:]
     # 10 steps per task: step 18 is in the middle of task 2 (index 1); the last checkpoint before it is step 16
     killed = cli(
-        tmp_path / "killed", *RUN, *extra, "checkpoint_every_n_steps=4", "+callbacks.kill._target_=helpers.kill.KillAtStep",
-        "+callbacks.kill.step=18",
+        tmp_path / "killed", *RUN, *extra, "checkpoint_every_n_steps=4",
+        "+callbacks.kill._target_=helpers.kill.KillAtStep", "+callbacks.kill.step=18",
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
     (run_dir,) = (tmp_path / "killed").glob("*/*")

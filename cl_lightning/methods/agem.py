@@ -1,0 +1,106 @@
+"""Averaged GEM (A-GEM): one projection against the gradient of a batch drawn from the whole memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from typing_extensions import override
+
+from cl_lightning.core.buffer import Buffer
+from cl_lightning.core.projection import agem_project, flat_grad, write_flat_grad
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.base import CLMethod
+from cl_lightning.methods.er import check_int, fill_from_task
+
+if TYPE_CHECKING:
+    from cl_lightning.models.module import CLModule
+
+
+class AGEM(CLMethod):
+    """A-GEM (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019, eq. 11).
+
+    GEM's constraints are replaced by one on the average memory loss: with ``g`` the current gradient and
+    ``g_ref`` the gradient of the loss on a batch of ``replay_batch_size`` samples drawn from the memory of every
+    past task (each sample with its own task's head in task-IL), the update is::
+
+        g~ = g - (g . g_ref / g_ref . g_ref) g_ref   if g . g_ref < 0,   else g.
+
+    Memory: like the paper's per-task episodic memories, ``buffer_size // n_tasks`` samples of each task, a uniform
+    random subset of its training data chosen at task end (so A-GEM needs task boundaries: refused on
+    ``dataset.stream=online``). Nothing is projected while the memory is empty (the first task). Mammoth's
+    ``agem.py`` computes ``samples_per_task`` but then stores only the first *batch* of the task's loader; we
+    store the ``buffer_size // n_tasks`` samples the paper and that variable describe.
+
+    The edit is in ``on_before_optimizer_step`` (after AMP unscaling); ``g_ref`` is computed there with
+    ``torch.autograd.grad``, so ``p.grad`` is untouched until the projection is written back.
+
+    DDP: ``p.grad`` is all-reduced when the hook runs; memories are identical on every rank (whole task, same
+    seeded generator), so is the reference batch (same generator state), and ``g_ref`` comes from the plain
+    network (``autograd.grad`` fires no DDP hooks): every rank applies the same projection.
+
+    Args:
+        buffer_size: Total memory; each task gets ``buffer_size // dataset.n_tasks`` samples.
+        replay_batch_size: Samples of the reference batch.
+        seed: Seed of the memory's generator (task-end subsets, reference batches).
+    """
+
+    name: ClassVar[str] = "agem"
+    needs_task_boundaries: ClassVar[bool] = True
+    gradient_edit: ClassVar[str | None] = "projection"
+
+    def __init__(self, buffer_size: int = 500, replay_batch_size: int = 128, seed: int = 0) -> None:
+        self.buffer_size = check_int("method.buffer_size", buffer_size)
+        self.replay_batch_size = check_int("method.replay_batch_size", replay_batch_size)
+        self.buffer = Buffer(buffer_size, "random", seed)
+        self.quota = 0
+        self._filled = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        n_tasks = int(trainer.datamodule.n_tasks)  # type: ignore[attr-defined]
+        self.quota = self.buffer_size // n_tasks
+        if self.quota < 1:
+            raise ConfigError(
+                f"method.buffer_size={self.buffer_size}: {self.name} keeps buffer_size // dataset.n_tasks samples "
+                f"per task, which is 0 for {n_tasks} tasks; use method.buffer_size >= {n_tasks}"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.buffer.to(pl_module.device)  # restored state is loaded on the host
+
+    @override
+    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
+        if task_id > self._filled:
+            fill_from_task(self.buffer, trainer, pl_module, task_id, quota=self.quota)
+            self._filled = task_id
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.buffer.is_empty:
+            return
+        module: CLModule = pl_module  # type: ignore[assignment]
+        params = [p for p in module.parameters() if p.requires_grad]
+        ref = self.buffer.sample(self.replay_batch_size)
+        with torch.enable_grad():
+            out = module.net(module.prepare(ref.x, train=True))
+            loss = F.cross_entropy(module.training_logits(out, ref.task_id), ref.y)
+            g_ref = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
+        g = flat_grad([p.grad for p in params], params)
+        write_flat_grad(params, agem_project(g, g_ref))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict(), "filled": self._filled}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "buffer" in state_dict:
+            self.buffer.load_state_dict(state_dict["buffer"])
+        self._filled = int(state_dict.get("filled", self._filled))

@@ -1,0 +1,55 @@
+"""DER++: Dark Experience Replay plus a replay loss on the stored labels."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import override
+
+from cl_lightning.methods.der import DER, check_weight
+
+if TYPE_CHECKING:
+    from cl_lightning.models.module import CLModule
+
+
+class DERpp(DER):
+    """DER++ (Buzzega et al., "Dark Experience for General Continual Learning: a Strong, Simple Baseline",
+    NeurIPS 2020, eq. 7).
+
+    DER's logit matching on a buffer batch ``A``, plus the cross-entropy of an *independent* buffer batch ``B`` on
+    its stored labels (in task-IL with its own task's head)::
+
+        L = CE(f(x), y) + alpha * E_{(x', z') ~ M} ||f(aug(x')) - z'||^2
+                        + beta * E_{(x'', y'') ~ M} CE(f(aug(x'')), y'')
+
+    Both batches are drawn, in that order, before the current batch is inserted (Mammoth's order). The label term
+    corrects DER when the stored logits are from an early, poor network or the distribution shifts abruptly.
+    Not PyCIL's "DER" (Yan et al. 2021, dynamically expandable representations), a different method.
+
+    DDP: as :class:`~cl_lightning.methods.der.DER` (gathered insertion, identical buffers on every rank).
+
+    Args:
+        buffer_size: Slots of the reservoir buffer.
+        replay_batch_size: Samples in each of the two replay batches.
+        alpha: Weight of the logit-matching term.
+        beta: Weight of the label replay term.
+        seed: Seed of the buffer's generator.
+    """
+
+    name: ClassVar[str] = "derpp"
+
+    def __init__(
+        self, buffer_size: int = 500, replay_batch_size: int = 10, alpha: float = 1.0, beta: float = 0.5, seed: int = 0
+    ) -> None:
+        super().__init__(buffer_size, replay_batch_size, alpha, seed)
+        self.beta = check_weight("method.beta", beta)
+
+    @override
+    def replay_terms(self, pl_module: CLModule) -> dict[str, Tensor]:
+        terms = super().replay_terms(pl_module)
+        sample = self.buffer.sample(self.replay_batch_size)
+        out = pl_module.net(pl_module.prepare(sample.x, train=True))
+        terms["replay"] = self.beta * F.cross_entropy(pl_module.training_logits(out, sample.task_id), sample.y)
+        return terms

@@ -1,0 +1,169 @@
+"""Experience replay (ER): every step also trains on a batch drawn from a memory of past samples.
+
+The module-level functions are shared by the replay methods (``der``, ``derpp``, ``gem``, ``agem``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from typing_extensions import override
+
+from cl_lightning.core.buffer import SELECTIONS, STREAMING_SELECTIONS, TASK_END_SELECTIONS, Buffer
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.base import CLMethod
+
+if TYPE_CHECKING:
+    from cl_lightning.data.batch import Batch
+    from cl_lightning.models.module import CLModule
+
+ER_SELECTIONS = tuple(s for s in SELECTIONS if s != "random")
+
+
+def check_int(key: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an integer >= ``minimum``, else a one-line :class:`ConfigError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def stream_task_ids(pl_module: CLModule, batch: Batch, current_task: int) -> Tensor:
+    """Task ids to store with a training batch.
+
+    The true task in task-IL (the batch carries it, also on an online stream); otherwise the current task known
+    from ``on_task_start``, or ``-1`` on an online stream (boundaries hidden).
+    """
+    if pl_module.scenario == "task_il":
+        return batch.task_id
+    task = -1 if pl_module.hide_task_boundaries else current_task
+    return torch.full_like(batch.y, task)
+
+
+def gather(trainer: pl.Trainer, *tensors: Tensor) -> list[Tensor]:
+    """Every process's tensors, concatenated in rank order (identity on one process).
+
+    Replay buffers insert the gathered batch with the same seeded generator on every rank, so they stay identical
+    across ranks and the rank-0 checkpoint is valid for all of them.
+    """
+    if trainer.world_size <= 1:
+        return list(tensors)
+    return [trainer.strategy.all_gather(t).flatten(0, 1) for t in tensors]
+
+
+@torch.no_grad()
+def task_features(pl_module: CLModule, x: Tensor, chunk: int = 1024) -> Tensor:
+    """``net.features`` of stored inputs, un-augmented, in evaluation mode (dropout and batch-norm frozen)."""
+    net = pl_module.net
+    was_training = net.training
+    net.eval()
+    try:
+        return torch.cat([net.features(pl_module.prepare(part, train=False)) for part in x.split(chunk)])
+    finally:
+        net.train(was_training)
+
+
+def fill_from_task(buffer: Buffer, trainer: pl.Trainer, pl_module: CLModule, task: int, quota: int | None) -> None:
+    """Task-end selection from the training data of ``task`` (``dm.tasks[task]``, identical on every rank)."""
+    data = trainer.datamodule.tasks[task]  # type: ignore[attr-defined]
+    x, y = data.train_x.to(pl_module.device), data.train_y.to(pl_module.device)
+    features = task_features(pl_module, x) if buffer.selection in ("herding", "kcenter") else None
+    buffer.add_task(x, y, task, features, quota)
+
+
+class ER(CLMethod):
+    """Experience replay (Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019).
+
+    Each step adds the loss of a batch ``(x_b, y_b, t_b)`` of ``replay_batch_size`` samples drawn without
+    replacement from a buffer ``M``::
+
+        L = CE(f(x), y) + CE(mask_{t_b}(f(aug(x_b))), y_b),    (x_b, y_b, t_b) ~ M
+
+    where ``mask`` is the scenario's training masking (in task-IL a replayed sample uses its own task's head, so
+    the true task id is stored). Replayed inputs are stored un-augmented and augmented again when replayed.
+
+    The buffer (see :mod:`cl_lightning.core.buffer`) is filled by ``selection``: ``reservoir`` (the default, as in
+    Mammoth's ER) and ``class_balanced`` insert the current batch every step *after* the replay batch is drawn
+    (Mammoth's order: a batch is never replayed in its own step) and run task-free (``dataset.stream=online``);
+    ``herding`` and ``kcenter`` select from the finished task's training data at task end, so they need task
+    boundaries (refused at setup on an online stream).
+
+    Differences from Mammoth's ``er.py``: Mammoth concatenates the two batches and takes one mean, i.e. half of the
+    loss above for equal batch sizes (equivalent to halving the learning rate); here the module owns the task loss
+    and replay adds its own mean, as in Chaudhry et al.
+
+    DDP: the current batch is all-gathered before insertion and every rank inserts it with the same seeded
+    generator, so buffers (and the replay batches they draw) are identical on every rank; task-end selections
+    read the whole task, identical everywhere. The checkpoint written by rank 0 is therefore valid for all ranks.
+
+    Args:
+        buffer_size: Slots of the buffer.
+        replay_batch_size: Samples replayed per step (fewer while the buffer holds fewer).
+        selection: ``reservoir``, ``class_balanced``, ``herding`` or ``kcenter``.
+        seed: Seed of the buffer's generator (insertion decisions and replay draws).
+    """
+
+    name: ClassVar[str] = "er"
+
+    def __init__(
+        self, buffer_size: int = 500, replay_batch_size: int = 10, selection: str = "reservoir", seed: int = 0
+    ) -> None:
+        check_int("method.buffer_size", buffer_size)
+        self.replay_batch_size = check_int("method.replay_batch_size", replay_batch_size)
+        if selection not in ER_SELECTIONS:
+            raise ConfigError(f"method.selection={selection!r}: choose one of {', '.join(ER_SELECTIONS)}")
+        self.selection = selection
+        self.buffer = Buffer(buffer_size, selection, seed)
+        self._task = -1  # the current task, from on_task_start
+        self._filled = -1  # last task selected at task end (never select a task twice)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        dm = getattr(trainer, "datamodule", None)
+        if self.selection in TASK_END_SELECTIONS and getattr(dm, "stream", "tasks") == "online":
+            raise ConfigError(
+                f"method.selection={self.selection} selects at task end and cannot run with dataset.stream=online; "
+                f"use method.selection=reservoir or class_balanced"
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.buffer.to(pl_module.device)  # restored state is loaded on the host
+
+    @override
+    def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
+        self._task = task_id
+
+    @override
+    def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        if not self.buffer.is_empty:
+            replay = self.buffer.sample(self.replay_batch_size)
+            out = pl_module.net(pl_module.prepare(replay.x, train=True))
+            terms["replay"] = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
+        if self.selection in STREAMING_SELECTIONS:
+            tid = stream_task_ids(pl_module, batch, self._task)
+            self.buffer.add(*gather(pl_module.trainer, batch.x, batch.y, tid))
+        return terms
+
+    @override
+    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
+        if self.selection in TASK_END_SELECTIONS and task_id > self._filled:
+            fill_from_task(self.buffer, trainer, pl_module, task_id, quota=None)
+            self._filled = task_id
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # the current task too: a mid-task resume does not call on_task_start again
+        return {"buffer": self.buffer.state_dict(), "filled": self._filled, "task": self._task}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "buffer" in state_dict:
+            self.buffer.load_state_dict(state_dict["buffer"])
+        self._filled = int(state_dict.get("filled", self._filled))
+        self._task = int(state_dict.get("task", self._task))

@@ -1,0 +1,112 @@
+"""Dark Experience Replay: config, insertion-time logits, behaviour on the synthetic blobs, state and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.der import DER
+from cl_lightning.train import train
+
+SMALL = ["method=der", "method.buffer_size=50", "method.replay_batch_size=16", "logger=none"]
+ONLINE = ["dataset.stream=online", "epochs_per_task=1"]
+
+
+def capture(monkeypatch: pytest.MonkeyPatch, cls: type) -> list:
+    """Instances of ``cls`` that train() builds, recorded when their fit starts."""
+    seen: list = []
+    original = cls.on_fit_start
+
+    def record(self, trainer, pl_module) -> None:
+        if self not in seen:
+            seen.append(self)
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(cls, "on_fit_start", record)
+    return seen
+
+
+def assert_resume_parity(make_cfg, *overrides: str) -> None:
+    whole = train(make_cfg(*overrides))
+    cfg = make_cfg(*overrides, "max_tasks=2")
+    assert train(cfg)["tasks_completed"] == 2
+    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
+    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
+
+
+def test_config_instantiates(make_cfg) -> None:
+    method = instantiate(make_cfg("method=der").method)
+    assert isinstance(method, DER) and method.name == "der"
+    assert method.buffer.capacity == 500 and method.replay_batch_size == 128 and method.alpha == 1.0
+    assert method.buffer.selection == "reservoir"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("method.alpha=-0.5", "method.alpha=-0.5: must be a number >= 0"), ("method.buffer_size=0", "method.buffer_size")],
+)
+def test_bad_values_name_the_key(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg("method=der", override, "logger=none"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_stores_the_logits_of_insertion_time_and_never_refreshes_them(make_cfg, monkeypatch) -> None:
+    # One pass over an online stream: every sample is seen (and possibly inserted) exactly once, so the logits the
+    # network gave it at that step identify what the buffer must hold, however long training goes on afterwards.
+    seen: dict[tuple[int, ...], torch.Tensor] = {}
+    modules: list = []
+    original = DER.loss_terms
+
+    def record(self, pl_module, batch, logits):
+        for x, z in zip(batch.x, logits.detach(), strict=True):
+            seen[tuple(x.flatten().tolist())] = z.clone()
+        modules.append(pl_module)
+        return original(self, pl_module, batch, logits)
+
+    monkeypatch.setattr(DER, "loss_terms", record)
+    methods = capture(monkeypatch, DER)
+    train(make_cfg(*SMALL, *ONLINE))
+    buf = methods[0].buffer
+    assert len(buf) == 50 and buf.logits is not None and buf.logits.shape == (50, 10)
+    stored = torch.stack([seen[tuple(x.flatten().tolist())] for x in buf.x])
+    assert torch.equal(buf.logits, stored), "exactly the logits computed when the sample was inserted"
+    module = modules[-1]
+    with torch.no_grad():
+        now = module.net(module.prepare(buf.x))
+    assert not torch.allclose(now, buf.logits, atol=1e-3), "the network moved on; the targets did not"
+
+
+def test_forgets_less_than_naive_in_class_il(make_cfg) -> None:
+    naive = train(make_cfg("logger=none"))
+    der = train(make_cfg(*SMALL))
+    assert der["avg_acc"] > naive["avg_acc"] + 0.2 and der["forgetting"] < naive["forgetting"] - 0.2
+
+
+@pytest.mark.parametrize("scenario", ["task_il", "domain_il"])
+def test_runs_in_every_scenario_and_task_free(make_cfg, scenario: str) -> None:
+    results = train(make_cfg(*SMALL, f"dataset.scenario={scenario}"))
+    assert results["avg_acc"] > 0.8
+    assert len(train(make_cfg(*SMALL, *ONLINE, f"dataset.scenario={scenario}"))["acc_matrix"]) == 5
+
+
+def test_state_round_trip(make_cfg) -> None:
+    cfg = make_cfg(*SMALL, "max_tasks=2")
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["DER[der]"]["task"] == 1, "the current task: a mid-task resume gets no on_task_start"
+    state = ckpt["callbacks"]["DER[der]"]["buffer"]
+    assert state["logits"].shape == (50, 10) and state["generator"].dtype == torch.uint8
+    fresh = DER(50, 16)
+    fresh.load_state_dict(ckpt["callbacks"]["DER[der]"])
+    assert fresh.state_dict()["task"] == 1
+    for key, value in fresh.state_dict()["buffer"].items():
+        assert torch.equal(value, state[key]) if isinstance(value, torch.Tensor) else value == state[key], key
+
+
+def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
+    assert_resume_parity(make_cfg, *SMALL)

@@ -1,0 +1,183 @@
+"""Experience replay: config, behaviour on the synthetic blobs, buffer contents, state and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cl_lightning.core.buffer import Buffer
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.er import ER
+from cl_lightning.train import train
+
+SMALL = ["method=er", "method.buffer_size=50", "method.replay_batch_size=16", "logger=none"]
+
+
+def capture(monkeypatch: pytest.MonkeyPatch, cls: type) -> list:
+    """Instances of ``cls`` that train() builds, recorded when their fit starts."""
+    seen: list = []
+    original = cls.on_fit_start
+
+    def record(self, trainer, pl_module) -> None:
+        if self not in seen:
+            seen.append(self)
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(cls, "on_fit_start", record)
+    return seen
+
+
+def assert_resume_parity(make_cfg, *overrides: str) -> None:
+    whole = train(make_cfg(*overrides))
+    cfg = make_cfg(*overrides, "max_tasks=2")
+    partial = train(cfg)
+    assert partial["tasks_completed"] == 2
+    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
+    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
+
+
+def test_config_instantiates(make_cfg) -> None:
+    method = instantiate(make_cfg("method=er").method)
+    assert isinstance(method, ER) and method.name == "er"
+    assert method.buffer.capacity == 500 and method.replay_batch_size == 10 and method.selection == "reservoir"
+    method = instantiate(make_cfg("method=er", "method.selection=kcenter", "seed=3").method)
+    assert method.buffer.selection == "kcenter"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.buffer_size=0", "method.buffer_size=0: must be an integer >= 1"),
+        ("method.replay_batch_size=-1", "method.replay_batch_size=-1"),
+        ("method.selection=fifo", "method.selection='fifo': choose one of reservoir, class_balanced, herding"),
+    ],
+)
+def test_bad_values_name_the_key(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg("method=er", override, "logger=none"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "class_balanced", "herding", "kcenter"])
+def test_forgets_less_than_naive_in_class_il(make_cfg, selection: str) -> None:
+    naive = train(make_cfg("logger=none"))
+    er = train(make_cfg(*SMALL, f"method.selection={selection}"))
+    assert naive["avg_acc"] < 0.35
+    assert er["avg_acc"] > naive["avg_acc"] + 0.4 and er["forgetting"] < naive["forgetting"] - 0.4
+
+
+@pytest.mark.parametrize("scenario", ["task_il", "class_il", "domain_il"])
+def test_stores_the_right_task_ids_in_every_scenario(make_cfg, monkeypatch, scenario: str) -> None:
+    methods = capture(monkeypatch, ER)
+    results = train(make_cfg(*SMALL, f"dataset.scenario={scenario}"))
+    assert results["avg_acc"] > 0.8
+    buf: Buffer = methods[0].buffer
+    assert len(buf) == 50
+    task_ids = buf.task_id[: len(buf)]
+    if scenario == "domain_il":
+        assert set(task_ids.tolist()) <= set(range(5))
+    else:  # tasks own outputs [2t, 2t + 2): the true task in task-IL, the current task of the stream otherwise
+        assert torch.equal(task_ids, buf.y[: len(buf)] // 2)
+    assert len(set(task_ids.tolist())) > 1, "reservoir keeps samples of several tasks"
+
+
+def test_samples_the_replay_batch_before_inserting_the_current_one(make_cfg, monkeypatch) -> None:
+    calls: list[tuple[str, int]] = []
+    sample, add = Buffer.sample, Buffer.add
+
+    def logged_sample(self, n, generator=None):
+        calls.append(("sample", self.n_seen))
+        return sample(self, n, generator)
+
+    def logged_add(self, *args, **kwargs):
+        calls.append(("add", self.n_seen))
+        return add(self, *args, **kwargs)
+
+    monkeypatch.setattr(Buffer, "sample", logged_sample)
+    monkeypatch.setattr(Buffer, "add", logged_add)
+    train(make_cfg(*SMALL, "max_tasks=1"))
+    assert calls[0] == ("add", 0), "nothing to replay at the first step"
+    assert [c[0] for c in calls[1:]] == ["sample", "add"] * ((len(calls) - 1) // 2)
+    assert all(s[1] == a[1] for s, a in zip(calls[1::2], calls[2::2], strict=True)), "same buffer state"
+
+
+def test_online_stream(make_cfg, monkeypatch) -> None:
+    online = ["dataset.stream=online", "epochs_per_task=1", "dataset.blur=0.2"]
+    for selection in ("reservoir", "class_balanced"):
+        methods = capture(monkeypatch, ER)
+        results = train(make_cfg(*SMALL, *online, f"method.selection={selection}"))
+        assert len(results["acc_matrix"]) == 5
+        buf = methods[-1].buffer
+        assert bool((buf.task_id[: len(buf)] == -1).all()), "task ids are hidden on an online stream"
+    for selection in ("herding", "kcenter"):
+        with pytest.raises(ConfigError, match=f"method.selection={selection} selects at task end"):
+            train(make_cfg(*SMALL, *online, f"method.selection={selection}"))
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "herding"])
+def test_state_round_trip(make_cfg, selection: str) -> None:
+    cfg = make_cfg(*SMALL, f"method.selection={selection}", "max_tasks=2")
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["callbacks"]["ER[er]"]
+    fresh = ER(50, 16, selection)
+    fresh.load_state_dict(state)
+    again = fresh.state_dict()
+    assert again.keys() == state.keys() and again["filled"] == state["filled"]
+    for key, value in state["buffer"].items():
+        other = again["buffer"][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+    assert len(fresh.buffer) == (50 if selection == "reservoir" else 50 // 4 * 4)
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "class_balanced", "kcenter"])
+def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg, selection: str) -> None:
+    assert_resume_parity(make_cfg, *SMALL, f"method.selection={selection}")
+
+
+@pytest.mark.slow  # two command-line runs; tests/test_resume.py covers the mechanism in the default suite
+def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    # the buffer, its generator and the current task are in every mid-task checkpoint (the module does not call
+    # on_task_start again when it resumes inside a task)
+    run = [*SMALL, "dataset.source._target_=helpers.synthetic.blobs", "dataset.name=blobs", "epochs_per_task=2",
+           "batch_size=16", "threads=1"]  # fmt: skip
+    _, killed, expected = assert_mid_task_resume(tmp_path, run)
+    state = killed["callbacks"]["ER[er]"]
+    assert state["task"] == expected["callbacks"]["ER[er]"]["task"] == 4
+    for key, value in expected["callbacks"]["ER[er]"]["buffer"].items():
+        other = state["buffer"][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+
+
+def assert_mid_task_resume(tmp_path: Path, run: list[str]) -> tuple[dict, dict, dict]:
+    """Run uninterrupted; run again killed at step 18 (mid task 2) and resume; return both results and checkpoints."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def cli(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        out.mkdir(exist_ok=True)
+        env = {**os.environ, "CL_OUTPUT_DIR": str(out), "PYTHONPATH": str(repo / "tests")}
+        return subprocess.run(
+            [sys.executable, "-m", "cl_lightning", *args], capture_output=True, text=True, timeout=300, env=env, cwd=out
+        )
+
+    whole = cli(tmp_path / "whole", *run)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    kill = ["checkpoint_every_n_steps=4", "+callbacks.kill._target_=helpers.kill.KillAtStep", "+callbacks.kill.step=18"]
+    killed = cli(tmp_path / "killed", *run, *kill)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    (run_dir,) = (tmp_path / "killed").glob("*/*")
+    resumed = cli(tmp_path / "killed", f"resume={run_dir}", "threads=1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (whole_dir,) = (tmp_path / "whole").glob("*/*")
+    expected = json.loads((whole_dir / "results.json").read_text())
+    got = json.loads((run_dir / "results.json").read_text())
+    assert got["complete"] and got["acc_matrix"] == expected["acc_matrix"], "bit-identical on CPU"
+    load = lambda d: torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)  # noqa: E731
+    return got, load(run_dir), load(whole_dir)

@@ -1,0 +1,124 @@
+"""GEM: config, episodic memories, the projection inside training, state and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from cl_lightning.core.projection import flat_grad
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.gem import GEM
+from cl_lightning.train import train
+
+SMALL = ["method=gem", "method.buffer_size=50", "logger=none"]
+
+
+def assert_resume_parity(make_cfg, *overrides: str) -> None:
+    whole = train(make_cfg(*overrides))
+    cfg = make_cfg(*overrides, "max_tasks=2")
+    assert train(cfg)["tasks_completed"] == 2
+    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
+    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
+
+
+def test_config_instantiates(make_cfg) -> None:
+    method = instantiate(make_cfg("method=gem").method)
+    assert isinstance(method, GEM) and method.name == "gem" and method.gradient_edit == "projection"
+    assert method.needs_task_boundaries and method.replay_batch_size is None
+    assert (method.buffer.capacity, method.memory_strength, method.eps) == (500, 0.5, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method.buffer_size=3"], "method.buffer_size=3: gem keeps buffer_size // dataset.n_tasks samples per task"),
+        (["method.memory_strength=-1"], "method.memory_strength=-1"),
+        (["method.replay_batch_size=0"], "method.replay_batch_size=0"),
+        (["dataset.stream=online", "epochs_per_task=1"], "method=gem needs task boundaries"),
+    ],
+)
+def test_refuses_bad_values_and_online_streams(make_cfg, overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        train(make_cfg("method=gem", *overrides, "logger=none"))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_memories_hold_buffer_size_over_n_tasks_samples_of_each_task(make_cfg, monkeypatch) -> None:
+    methods: list[GEM] = []
+    original = GEM.on_fit_start
+
+    def record(self, trainer, pl_module) -> None:
+        methods.append(self)
+        original(self, trainer, pl_module)
+
+    monkeypatch.setattr(GEM, "on_fit_start", record)
+    train(make_cfg(*SMALL))
+    buf = methods[-1].buffer
+    assert buf.stored_tasks() == [0, 1, 2, 3, 4]
+    for t in range(5):
+        slots = buf.slots_of_task(t)
+        assert len(slots) == 10
+        assert set((buf.y[slots] // 2).tolist()) == {t}, "a task's memory holds its own samples"
+
+
+def test_projected_gradient_increases_no_memory_loss(make_cfg, monkeypatch) -> None:
+    # exact projection (no margin, no ridge); after the hook, <p.grad, g_k> >= 0 for every past task k
+    checked = {"steps": 0, "projected": 0}
+    original = GEM.on_before_optimizer_step
+
+    def checked_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        before = flat_grad([p.grad for p in params], params).clone()
+        original(self, trainer, pl_module, optimizer)
+        after = flat_grad([p.grad for p in params], params)
+        past = [t for t in self.buffer.stored_tasks() if t < int(pl_module.current_task)]
+        if not past:
+            assert torch.equal(before, after), "nothing to protect on the first task"
+            return
+        for t in past:
+            mem = self.buffer.get(self.buffer.slots_of_task(t))
+            loss = F.cross_entropy(
+                pl_module.training_logits(pl_module.net(pl_module.prepare(mem.x)), mem.task_id), mem.y
+            )
+            g_k = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
+            assert float(after @ g_k) >= -1e-6 * float(after.norm() * g_k.norm())
+        checked["steps"] += 1
+        checked["projected"] += int(not torch.equal(before, after))
+
+    monkeypatch.setattr(GEM, "on_before_optimizer_step", checked_step)
+    train(make_cfg(*SMALL, "method.memory_strength=0", "method.eps=0"))
+    assert checked["steps"] > 0 and checked["projected"] > 0, "the constraints were active in this run"
+
+
+def test_forgets_less_than_naive_in_class_il(make_cfg) -> None:
+    naive = train(make_cfg("logger=none"))
+    gem = train(make_cfg(*SMALL))
+    assert gem["avg_acc"] > naive["avg_acc"] + 0.3
+
+
+@pytest.mark.parametrize("scenario", ["task_il", "domain_il"])
+def test_runs_in_every_scenario(make_cfg, scenario: str) -> None:
+    assert train(make_cfg(*SMALL, f"dataset.scenario={scenario}", "method.replay_batch_size=4"))["avg_acc"] > 0.8
+
+
+def test_state_round_trip(make_cfg) -> None:
+    cfg = make_cfg(*SMALL, "max_tasks=2")
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["callbacks"]["GEM[gem]"]
+    assert state["filled"] == 1 and state["buffer"]["size"] == 20
+    fresh = GEM(50)
+    fresh.load_state_dict(state)
+    again = fresh.state_dict()
+    assert again["filled"] == 1
+    for key, value in again["buffer"].items():
+        ref = state["buffer"][key]
+        assert torch.equal(value, ref) if isinstance(value, torch.Tensor) else value == ref, key
+
+
+def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
+    assert_resume_parity(make_cfg, *SMALL, "method.replay_batch_size=4")
