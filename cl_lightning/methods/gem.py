@@ -78,6 +78,7 @@ class GEM(CLMethod):
         self.buffer = Buffer(buffer_size, "random", seed)
         self.quota = 0
         self._filled = -1
+        self._projected = self._steps = 0  # steps projected since the last log (a diagnostic)
         self._slots: dict[int, Tensor] = {}  # slots of each stored task (a cache, rebuilt when the memory changes)
         self._gathered: dict[int, BufferSample] = {}  # whole memory of each task (same lifetime)
 
@@ -141,6 +142,12 @@ class GEM(CLMethod):
         projected = gem_project(g, memories, self.memory_strength, self.eps)
         if projected is not g:
             write_flat_grad(params, projected)
+        self._projected += projected is not g
+        self._steps += 1
+        if self._steps >= module.log_every_n_steps and module.logger is not None:
+            rate = self._projected / self._steps
+            module.logger.log_metrics({f"train/{self.name}/projection_rate": rate}, step=module.global_step)
+            self._projected = self._steps = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -111,3 +111,16 @@ def test_state_round_trip(make_cfg) -> None:
 
 def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
     assert_resume_parity(make_cfg, *SMALL)
+
+
+def test_projection_rate_reaches_tensorboard(make_cfg) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cl_lightning.train import train
+
+    cfg = make_cfg("method=agem", "module.log_every_n_steps=5")
+    train(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    rates = [e.value for e in events.Scalars("train/agem/projection_rate")]
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
