@@ -76,6 +76,7 @@ class SI(CLMethod):
         self._names: list[str] = []
         self._params: list[Tensor] = []
         self._path: PathIntegral | None = None
+        self._loaded_path: dict[str, dict[str, Tensor]] | None = None
         self._on_device: tuple[list[Tensor], list[Tensor]] | None = None
 
     @override
@@ -83,6 +84,12 @@ class SI(CLMethod):
         named = trainable_parameters(pl_module.net)  # type: ignore[arg-type]
         self._names, self._params = list(named), list(named.values())
         self._on_device = None
+        if self._loaded_path is not None:
+            # resumed in the middle of a task (no task start will come): continue its path integral
+            self._path = PathIntegral(self._params)
+            for field in ("start", "integral"):
+                torch._foreach_copy_(getattr(self._path, field), [self._loaded_path[field][n] for n in self._names])
+            self._loaded_path = None
 
     @override
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
@@ -140,8 +147,14 @@ class SI(CLMethod):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # taken at task ends (train() checkpoints there), when no path integral is in progress
-        return {"omega": self.omega, "anchor": self.anchor, "consolidated": self.consolidated}
+        state: dict[str, Any] = {"omega": self.omega, "anchor": self.anchor, "consolidated": self.consolidated}
+        if self._path is not None:
+            # a mid-task checkpoint (taken after the step's change was added: no step is pending)
+            state["path"] = {
+                field: {n: t.detach().clone() for n, t in zip(self._names, getattr(self._path, field), strict=True)}
+                for field in ("start", "integral")
+            }
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -149,3 +162,4 @@ class SI(CLMethod):
         self.anchor = dict(state_dict.get("anchor", {}))
         self.consolidated = int(state_dict.get("consolidated", -1))
         self._on_device = None
+        self._loaded_path = state_dict.get("path")
