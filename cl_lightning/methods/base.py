@@ -70,7 +70,11 @@ class CLMethod(pl.Callback):
         return f"{type(self).__qualname__}[{self.name}]"
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        """Called once when training on ``task_id`` begins."""
+        """Called once when training on ``task_id`` begins.
+
+        Not called again when a run resumes in the middle of the task: what it sets up must be in ``state_dict``
+        or be recomputed in ``on_fit_start`` (which every fit, resumed or not, goes through).
+        """
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         """Called once when training on ``task_id`` has finished, before it is evaluated."""

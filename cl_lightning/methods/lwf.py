@@ -79,6 +79,9 @@ class LwF(CLMethod):
             self.teacher, self._loaded = self._freeze(teacher), None
         elif self.teacher is not None:
             self.teacher.to(pl_module.device)
+        # here rather than only at the task start: a run resumed mid-task gets no task start
+        task = int(pl_module.current_task)  # type: ignore[attr-defined]
+        self._groups = self.groups(pl_module) if task > 0 else None  # type: ignore[arg-type]
 
     @override
     def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
