@@ -49,7 +49,7 @@ def test_every_method_runs_under_ddp_with_identical_ranks(tmp_path: Path, method
     """2 processes: the run completes, all ranks hold the same weights and method state at every task end, and the
     result matches one process with the same global batch: average accuracy within 0.1 (replay buffers see the
     gathered batch in rank order, not in the single process's order, so they differ a little)."""
-    common = [f"method={method}", "dataset.scenario=task_il", "optimizer=adam", "optimizer.lr=0.01"]
+    common = [f"method={method}", "dataset.scenario=task_il", "optimizer=adam", "optimizer.lr=0.002"]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     single = run(tmp_path / "one", *common, "batch_size=16")
