@@ -92,8 +92,8 @@ NOTES = {
         "LwF falls short of van de Ven & Tolias's 23.85. Tried on seed 0: `method.alpha` 1 (the table, 19.91 ± 0.01 "
         "over 3 seeds), 3 (19.93) and 10 (19.89): the distillation weight does not move class-IL accuracy, which stays "
         "the fine-tuning level, the known class-IL result for regularization methods. Their LwF weights the current "
-        "and distillation losses by the number of tasks seen and distils with the current task's logits masked "
-        "out; those differences are the next things to try."
+        "and distillation losses by the number of tasks seen; that and the other details of their implementation "
+        "are the next things to try."
     ),
     "der_permuted_mnist_replay": (
         "ER's loss here is the sum of the current batch's mean cross-entropy and the replayed batch's; Mammoth (and "
