@@ -66,6 +66,18 @@ def task_features(pl_module: CLModule, x: Tensor, chunk: int = 1024) -> Tensor:
         net.train(was_training)
 
 
+def per_task_quota(trainer: pl.Trainer, buffer_size: int, name: str) -> int:
+    """``buffer_size // dataset.n_tasks``: the episodic memory of each task (GEM, A-GEM), refused when it is 0."""
+    n_tasks = int(trainer.datamodule.n_tasks)  # type: ignore[attr-defined]
+    quota = buffer_size // n_tasks
+    if quota < 1:
+        raise ConfigError(
+            f"method.buffer_size={buffer_size}: {name} keeps buffer_size // dataset.n_tasks samples "
+            f"per task, which is 0 for {n_tasks} tasks; use method.buffer_size >= {n_tasks}"
+        )
+    return quota
+
+
 def fill_from_task(buffer: Buffer, trainer: pl.Trainer, pl_module: CLModule, task: int, quota: int | None) -> None:
     """Task-end selection from the training data of ``task`` (``dm.tasks[task]``, identical on every rank)."""
     data = trainer.datamodule.tasks[task]  # type: ignore[attr-defined]

@@ -12,10 +12,9 @@ from typing_extensions import override
 
 from cl_lightning.core.buffer import Buffer, BufferSample
 from cl_lightning.core.projection import flat_grad, gem_project, write_flat_grad
-from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
-from cl_lightning.methods.er import check_int, fill_from_task
+from cl_lightning.methods.er import check_int, fill_from_task, per_task_quota
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
@@ -85,13 +84,7 @@ class GEM(CLMethod):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        n_tasks = int(trainer.datamodule.n_tasks)  # type: ignore[attr-defined]
-        self.quota = self.buffer_size // n_tasks
-        if self.quota < 1:
-            raise ConfigError(
-                f"method.buffer_size={self.buffer_size}: {self.name} keeps buffer_size // dataset.n_tasks samples "
-                f"per task, which is 0 for {n_tasks} tasks; use method.buffer_size >= {n_tasks}"
-            )
+        self.quota = per_task_quota(trainer, self.buffer_size, self.name)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

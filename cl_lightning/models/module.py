@@ -91,6 +91,7 @@ class CLModule(pl.LightningModule):
         self.eval_row = -1
         self._optimizer: torch.optim.Optimizer | None = None
         self._methods: list[CLMethod] = []
+        self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
         # the run's resolved config and timings, stored in every checkpoint so a resume needs nothing else
@@ -120,7 +121,8 @@ class CLModule(pl.LightningModule):
         if self.scenario == "task_il":
             return logits.masked_fill(~self.output_masks[task_id], float("-inf"))
         if self.scenario == "class_il" and self.train_outputs == "seen" and not self.hide_task_boundaries:
-            return logits.masked_fill(~self.seen_mask(), float("-inf"))
+            unseen = self._unseen if self._unseen is not None else ~self.seen_mask()
+            return logits.masked_fill(unseen, float("-inf"))
         return logits
 
     @property
@@ -135,6 +137,8 @@ class CLModule(pl.LightningModule):
 
     @override
     def on_train_start(self) -> None:
+        # once per task, not per step: reading the task counter would synchronise host and device every step
+        self._unseen = ~self.seen_mask()
         t = int(self.current_task)
         if int(self.task_started) < t:
             if not self.hide_task_boundaries:
@@ -144,6 +148,7 @@ class CLModule(pl.LightningModule):
 
     @override
     def on_train_end(self) -> None:
+        self._unseen = None
         t = int(self.current_task)
         if int(self.task_finished) < t:
             if not self.hide_task_boundaries:
