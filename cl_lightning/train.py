@@ -8,6 +8,7 @@ accuracy matrix. ``results.json`` and a checkpoint are written after every task.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -136,8 +137,14 @@ def build_methods(cfg: DictConfig) -> list[CLMethod]:
 
 def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
     factory = _instantiate(cfg.model)
+    kwargs: dict[str, Any] = {"input_shape": dm.input_shape, "n_outputs": dm.n_outputs}
     try:
-        return factory(input_shape=dm.input_shape, n_outputs=dm.n_outputs)
+        if "n_tasks" in inspect.signature(factory).parameters:
+            kwargs["n_tasks"] = dm.n_tasks  # networks that grow per task (progressive networks) allocate up front
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        pass
+    try:
+        return factory(**kwargs)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -150,6 +157,12 @@ def _log_task(trainer: pl.Trainer, results: dict[str, Any], task: int) -> None:
     row = results["acc_matrix"][task]
     metrics = {f"eval/acc/task_{j}": acc for j, acc in enumerate(row)}
     metrics["eval/avg_acc_seen"] = sum(row[: task + 1]) / (task + 1)
+    for method, values in results.get("diagnostics", {}).items():
+        metrics |= {
+            f"diagnostics/{method}/{key}": float(v)
+            for key, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
     for key in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc"):
         if results.get(key) is not None:
             metrics[f"summary/{key}"] = results[key]
@@ -296,7 +309,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **cfg.module,
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    epochs = 1 if cfg.steps_per_task else cfg.epochs_per_task
+    # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
+    epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs_per_task for m in methods)
     callbacks: list[pl.Callback] = [*methods]
     # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
@@ -371,6 +385,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             task_descriptions=[t.description for t in dm.tasks],
         )
         results["world_size"] = trainer.world_size
+        diagnostics = {m.name: d for m in methods if (d := m.diagnostics(module))}
+        if diagnostics:
+            results["diagnostics"] = diagnostics
         if cfg.get("save_checkpoints", True):
             module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
             # every rank calls it (Lightning writes on rank 0 and synchronises the others)

@@ -42,7 +42,8 @@ class PeriodicEvaluation(pl.Callback):
                     if self.max_samples_per_task is not None and seen >= self.max_samples_per_task:
                         break
                     x, y = batch.x.to(pl_module.device), batch.y.to(pl_module.device)
-                    logits = pl_module.net(pl_module.prepare(x))  # type: ignore[operator]
+                    with pl_module.task_view(j):  # type: ignore[attr-defined]
+                        logits = pl_module(pl_module.prepare(x), j)  # type: ignore[operator]
                     if pl_module.scenario == "task_il":  # type: ignore[attr-defined]
                         logits = logits.masked_fill(~pl_module.output_masks[j], float("-inf"))  # type: ignore[index]
                     counts[j, 0] += (logits.argmax(1) == y).sum()

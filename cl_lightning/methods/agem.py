@@ -84,7 +84,7 @@ class AGEM(CLMethod):
         params = [p for p in module.parameters() if p.requires_grad]
         ref = self.buffer.sample(self.replay_batch_size)
         with torch.enable_grad():
-            out = module.net(module.prepare(ref.x, train=True))
+            out = module(module.prepare(ref.x, train=True), ref.task_id)
             loss = F.cross_entropy(module.training_logits(out, ref.task_id), ref.y)
             g_ref = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
         g = flat_grad([p.grad for p in params], params)

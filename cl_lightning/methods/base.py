@@ -12,6 +12,8 @@ A method changes training through three doors only (``CONVENTIONS.md``, rule 3):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
@@ -39,6 +41,10 @@ class CLMethod(pl.Callback):
         gradient_edit: What the method does to gradients in ``on_before_optimizer_step`` (e.g. ``"projection"``,
             ``"mask"``), or ``None``. Two methods that both edit gradients cannot be combined: the second would undo
             the guarantee of the first.
+        replaces_task_loss: The method's loss terms are the whole objective: the module does not add the plain
+            cross-entropy of the current batch (it still logs it). At most one method in a combination may do so.
+        extra_epochs_per_task: Epochs the method trains after the ``epochs_per_task`` of each task (PackNet's
+            retraining after pruning); an instance attribute, read when the run is built.
     """
 
     name: ClassVar[str] = "method"
@@ -46,6 +52,8 @@ class CLMethod(pl.Callback):
     needs_task_boundaries: ClassVar[bool] = False
     cumulative_data: ClassVar[bool] = False
     gradient_edit: ClassVar[str | None] = None
+    replaces_task_loss: ClassVar[bool] = False
+    extra_epochs_per_task: int = 0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -90,6 +98,24 @@ class CLMethod(pl.Callback):
         """
         return {}
 
+    def diagnostics(self, pl_module: CLModule) -> dict[str, Any]:
+        """What the method reports after each task (e.g. PackNet's free capacity, a PNN's parameters per task).
+
+        JSON-able values only (numbers, strings, lists of them). They are written to ``results.json`` under
+        ``diagnostics.<method name>`` after every task, and the numbers among them are logged as
+        ``diagnostics/<method name>/<key>``. Called on every process after the task's evaluation.
+        """
+        return {}
+
+    @contextmanager
+    def task_view(self, pl_module: CLModule, task_id: int) -> Iterator[None]:
+        """Context in which the network is evaluated as the model of ``task_id`` (default: no change).
+
+        Entered by :meth:`CLModule.task_view` around every evaluation forward pass (task-end tests and periodic
+        evaluation); PackNet hides the weights of later tasks in it. Must restore everything on exit.
+        """
+        yield
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -109,6 +135,12 @@ def check_combination(methods: list[CLMethod]) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"method {duplicates[0]} is listed twice; each method may appear once in a combination")
+    owners = [m.name for m in methods if m.replaces_task_loss]
+    if len(owners) > 1:
+        raise ConfigError(
+            f"methods {' and '.join(owners)} both replace the task loss with their own objective and cannot be "
+            "combined; keep one of them"
+        )
     editors = [m for m in methods if m.gradient_edit is not None]
     if len(editors) > 1:
         described = " and ".join(f"{m.name} ({m.gradient_edit})" for m in editors)

@@ -76,7 +76,7 @@ class DER(CLMethod):
         """The replay losses on the buffer as it is before this step's insertion."""
         sample = self.buffer.sample(self.replay_batch_size)
         assert sample.logits is not None
-        out = pl_module.net(pl_module.prepare(sample.x, train=True))
+        out = pl_module(pl_module.prepare(sample.x, train=True), sample.task_id)
         return {"logit_mse": self.alpha * F.mse_loss(out, sample.logits)}
 
     @override

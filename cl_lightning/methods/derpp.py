@@ -50,6 +50,6 @@ class DERpp(DER):
     def replay_terms(self, pl_module: CLModule) -> dict[str, Tensor]:
         terms = super().replay_terms(pl_module)
         sample = self.buffer.sample(self.replay_batch_size)
-        out = pl_module.net(pl_module.prepare(sample.x, train=True))
+        out = pl_module(pl_module.prepare(sample.x, train=True), sample.task_id)
         terms["replay"] = self.beta * F.cross_entropy(pl_module.training_logits(out, sample.task_id), sample.y)
         return terms

@@ -155,7 +155,7 @@ class ER(CLMethod):
         terms: dict[str, Tensor] = {}
         if not self.buffer.is_empty:
             replay = self.buffer.sample(self.replay_batch_size)
-            out = pl_module.net(pl_module.prepare(replay.x, train=True))
+            out = pl_module(pl_module.prepare(replay.x, train=True), replay.task_id)
             terms["replay"] = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
         if self.selection in STREAMING_SELECTIONS:
             tid = stream_task_ids(pl_module, batch, self._task)

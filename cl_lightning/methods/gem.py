@@ -109,7 +109,7 @@ class GEM(CLMethod):
                 self._gathered[task] = self.buffer.get(slots)
             memory = self._gathered[task]
         with torch.enable_grad():
-            out = pl_module.net(pl_module.prepare(memory.x, train=True))
+            out = pl_module(pl_module.prepare(memory.x, train=True), memory.task_id)
             loss = F.cross_entropy(pl_module.training_logits(out, memory.task_id), memory.y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         flat_grad(grads, params, out=into)

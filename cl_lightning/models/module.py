@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -91,6 +92,7 @@ class CLModule(pl.LightningModule):
         self.eval_row = -1
         self._optimizer: torch.optim.Optimizer | None = None
         self._methods: list[CLMethod] = []
+        self._replaces_task_loss = False
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
@@ -99,8 +101,30 @@ class CLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ forward and masks
     @override
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, task_id: Tensor | int | None = None) -> Tensor:
+        """Logits of the network inputs ``x``; ``task_id`` (per sample, or one task for all) reaches networks that
+        route by task (``net.task_conditioned``, e.g. progressive networks) and is ignored by the others.
+
+        Methods call ``pl_module(pl_module.prepare(x, train=True), task_id)`` rather than ``pl_module.net`` so they
+        work with either kind of network.
+        """
+        if getattr(self.net, "task_conditioned", False):
+            if task_id is None:
+                raise ValueError("this network routes inputs by task: pass task_id")
+            return self.net(x, task_id)
         return self.net(x)
+
+    @contextmanager
+    def task_view(self, task_id: int) -> Iterator[None]:
+        """Evaluate as the model of task ``task_id``: every method's :meth:`CLMethod.task_view` is entered.
+
+        PackNet uses it to hide the weights of later tasks; for the other methods it does nothing. Evaluation
+        (task-end and periodic) runs inside it.
+        """
+        with ExitStack() as stack:
+            for method in self._methods:
+                stack.enter_context(method.task_view(self, task_id))
+            yield
 
     def prepare(self, x: Tensor, train: bool = False) -> Tensor:
         """Network inputs from stored inputs: ``uint8`` scaled to [0, 1], augmented when ``train``, normalised.
@@ -132,8 +156,10 @@ class CLModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     @override
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # every fit and every test (the initial evaluation comes before any fit)
         self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
+        self._replaces_task_loss = any(m.replaces_task_loss for m in self._methods)
 
     @override
     def on_train_start(self) -> None:
@@ -158,14 +184,18 @@ class CLModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        logits = self.net(self.prepare(batch.x, train=True))
+        logits = self(self.prepare(batch.x, train=True), batch.task_id)
         task_loss = F.cross_entropy(self.training_logits(logits, batch.task_id), batch.y)
         terms: dict[str, Tensor] = {}
         for method in self._methods:
             # methods see the un-augmented batch and the raw (unmasked) logits of its augmented version
             for key, value in method.loss_terms(self, batch, logits).items():
                 terms[f"{method.name}/{key}"] = value
-        loss = task_loss + sum(terms.values()) if terms else task_loss
+        if self._replaces_task_loss:
+            # a method whose loss terms are the whole objective (e.g. online meta-learning's outer loss)
+            loss = sum(terms.values())  # type: ignore[assignment]
+        else:
+            loss = task_loss + sum(terms.values()) if terms else task_loss
         if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
             # Straight to the logger, every n steps: `self.log` on every step costs as much as a small model's
             # forward pass (measured in benchmarks/overhead.py).
@@ -197,8 +227,9 @@ class CLModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     @override
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = self.net(self.prepare(batch.x))
         j = dataloader_idx
+        with self.task_view(j):
+            logits = self(self.prepare(batch.x), j)
         masked = logits.masked_fill(~self.output_masks[j], float("-inf"))
         preds = masked if self.scenario == "task_il" else logits
         if self.eval_row < 0:

@@ -1,0 +1,79 @@
+"""The module's extension points for methods that own part of the model or the objective."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.hooks import ExtraEpochs, RecordingView, TaskRoutedNet
+
+from cl_lightning.errors import ConfigError
+from cl_lightning.train import train
+
+TASK_IL = ["dataset.scenario=task_il", "logger=none", "epochs_per_task=1"]
+
+
+def test_task_conditioned_network_gets_each_samples_task_in_training_and_evaluation(make_cfg) -> None:
+    TaskRoutedNet.calls.clear()
+    cfg = make_cfg(
+        *TASK_IL, "model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout", "epochs_per_task=4"
+    )
+    results = train(cfg)
+    assert results["complete"]
+    seen = torch.cat(TaskRoutedNet.calls).unique().tolist()
+    assert seen == list(range(5)), "every task's id reached the network (n_tasks was passed to its factory)"
+    # each task's classifier learned its task and was left alone afterwards: routing is real
+    matrix = results["acc_matrix"]
+    assert min(matrix[t][t] for t in range(5)) > 0.9 and matrix[-1] == [matrix[t][t] for t in range(5)]
+
+
+def test_every_evaluation_runs_inside_the_methods_task_view(make_cfg) -> None:
+    RecordingView.views.clear()
+    train(make_cfg(*TASK_IL, "method._target_=helpers.hooks.RecordingView", "max_tasks=2"))
+    # the initial evaluation and one per task, each over all 5 tasks' test sets, batch by batch
+    assert set(RecordingView.views) == set(range(5)) and len(RecordingView.views) >= 3 * 5
+
+
+def test_a_method_can_replace_the_task_loss(make_cfg) -> None:
+    # the objective is zero: the weights never move, so accuracy after the task is that of the initial model
+    results = train(make_cfg(*TASK_IL, "method._target_=helpers.hooks.OwnObjective", "max_tasks=1"))
+    trained = train(make_cfg(*TASK_IL, "max_tasks=1"))
+    assert results["acc_matrix"][0][0] == pytest.approx(results["init_acc"][0])
+    assert trained["acc_matrix"][0][0] != pytest.approx(trained["init_acc"][0]), "the plain task loss does train"
+
+
+def test_two_methods_replacing_the_task_loss_are_refused(make_cfg) -> None:
+    cfg = make_cfg(
+        *TASK_IL, "method._target_=helpers.hooks.OwnObjective", "+hybrid.b._target_=helpers.hooks.OtherObjective"
+    )
+    with pytest.raises(ConfigError, match="both replace the task loss"):
+        train(cfg)
+
+
+def test_extra_epochs_lengthen_every_task(make_cfg, monkeypatch) -> None:
+    made: list[ExtraEpochs] = []
+    original = ExtraEpochs.__init__
+
+    def record(self) -> None:
+        original(self)
+        made.append(self)
+
+    monkeypatch.setattr(ExtraEpochs, "__init__", record)
+    train(make_cfg(*TASK_IL, "method._target_=helpers.hooks.ExtraEpochs", "max_tasks=3"))
+    assert made[0].epochs == {0: 3, 1: 3, 2: 3}
+
+
+def test_method_diagnostics_reach_results_and_the_logger(make_cfg) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_cfg(
+        "dataset.scenario=task_il", "epochs_per_task=1", "method._target_=helpers.hooks.Reporting", "max_tasks=3"
+    )
+    results = train(cfg)
+    assert results["diagnostics"] == {"reporting": {"tasks_ended": 3, "ended": [0, 1, 2]}}
+    (events,) = (Path(cfg.paths.output_dir) / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("diagnostics/reporting/tasks_ended")]
+    assert logged == [1.0, 2.0, 3.0]
