@@ -139,8 +139,11 @@ def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module
     factory = _instantiate(cfg.model)
     kwargs: dict[str, Any] = {"input_shape": dm.input_shape, "n_outputs": dm.n_outputs}
     try:
-        if "n_tasks" in inspect.signature(factory).parameters:
+        parameters = inspect.signature(factory).parameters
+        if "n_tasks" in parameters:
             kwargs["n_tasks"] = dm.n_tasks  # networks that grow per task (progressive networks) allocate up front
+        if "task_outputs" in parameters:
+            kwargs["task_outputs"] = [t.tolist() for t in dm.task_outputs]  # multi-head networks: each task's logits
     except (TypeError, ValueError):  # a callable without an inspectable signature
         pass
     try:
