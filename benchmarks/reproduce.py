@@ -7,7 +7,8 @@ a time with `threads=1` (or `--jobs N` parallel jobs through Hydra's joblib laun
 whether it is within `--tolerance` points of it or above.
 
 Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/reproduce.py TABLE [--seeds 0 1 2] [--jobs 2]``
-(``--list`` shows the tables).
+(``--list`` shows the tables). Runs too long for one sitting can be launched separately (same overrides, e.g. one
+resumable ``python -m cl_lightning ... seed=S`` per seed) and tabulated with ``--only SPEC --results-from DIR``.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--only", nargs="+", help="method specs to run (default: every method of the table)")
     parser.add_argument("--tolerance", type=float, default=1.5)
+    parser.add_argument(
+        "--results-from", type=Path, help="read the runs of the one --only spec from this directory's results.json "
+        "files (runs made with the same command line, e.g. long ones launched separately) instead of running them",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.list or not args.table:
         for key, (title, _, methods, _) in TABLES.items():
@@ -158,8 +163,14 @@ def main() -> None:
     rows = []
     start = time.perf_counter()
     for spec in specs:
-        with tempfile.TemporaryDirectory() as tmp:
-            results = run_method(spec, overrides, args.seeds, args.jobs, Path(tmp))
+        if args.results_from is not None:
+            if len(specs) != 1:
+                parser.error("--results-from reads the runs of exactly one --only spec")
+            results = [json.loads(p.read_text()) for p in sorted(args.results_from.rglob("results.json"))]
+            results = [r for r in results if r["seed"] in args.seeds and r["method"] == spec.split()[0]]
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                results = run_method(spec, overrides, args.seeds, args.jobs, Path(tmp))
         accs = [100 * r["avg_acc"] for r in results if r.get("complete")]
         by_seed = defaultdict(float, {r["seed"]: 100 * r["avg_acc"] for r in results})
         mean = statistics.mean(accs) if accs else float("nan")
