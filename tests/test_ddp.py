@@ -40,7 +40,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert ddp["init_acc"] == single["init_acc"], "evaluation shards cover every test sample exactly once"
 
 
-METHODS = ["ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem", "oml"]
+METHODS = ["ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem", "oml", "packnet", "pnn"]
 
 
 @pytest.mark.slow

@@ -48,7 +48,9 @@ def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path, extra: li
     assert got["complete"] and got["acc_matrix"] == expected["acc_matrix"]
 
 
-METHODS = ["joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem", "oml"]
+METHODS = [
+    "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem", "oml", "packnet", "pnn",
+]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -11,7 +11,13 @@ from cl_lightning.methods.joint import Joint
 from cl_lightning.methods.lwf import LwF
 from cl_lightning.methods.mas import MAS
 from cl_lightning.methods.naive import Naive
+from cl_lightning.methods.oml import OML
 from cl_lightning.methods.online_ewc import OnlineEWC
+from cl_lightning.methods.packnet import PackNet
+from cl_lightning.methods.pnn import PNN
 from cl_lightning.methods.si import SI
 
-__all__ = ["AGEM", "DER", "EWC", "GEM", "MAS", "SI", "CLMethod", "DERpp", "ER", "Joint", "LwF", "Naive", "OnlineEWC"]
+__all__ = [
+    "AGEM", "DER", "EWC", "GEM", "MAS", "OML", "PNN", "SI", "CLMethod", "DERpp", "ER", "Joint", "LwF", "Naive",
+    "OnlineEWC", "PackNet",
+]  # fmt: skip

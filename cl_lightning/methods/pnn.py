@@ -35,6 +35,9 @@ class PNN(CLMethod):
     The freezing is recomputed from the module's current task at the start of every fit (a resumed run included);
     the columns themselves are the network's weights, in the module's checkpoint, so the method has no state.
     After each task it reports the parameters of every column trained so far (``diagnostics``).
+
+    DDP: only the learning column requires gradients (earlier and later columns do not), so every parameter DDP
+    tracks is used by every step; its gradients are all-reduced as usual and the ranks stay identical.
     """
 
     name: ClassVar[str] = "pnn"

@@ -101,17 +101,20 @@ class ProgressiveNet(nn.Module):
         return self._frozen
 
     def freeze(self, n_columns: int) -> None:
-        """Freeze columns ``0..n_columns-1`` and free the others (idempotent).
+        """Freeze columns ``0..n_columns-1``; column ``n_columns`` is the one that learns (idempotent).
 
         Frozen columns get ``requires_grad=False`` (no gradient, so no optimizer touches them) and stay in evaluation
-        mode whatever ``train()`` is asked (their batch-norm statistics and dropout are fixed too).
+        mode whatever ``train()`` is asked (their batch-norm statistics and dropout are fixed too). Columns after
+        ``n_columns`` take no part in the forward pass of the tasks so far and get ``requires_grad=False`` as well:
+        the optimizer and DDP (which expects a gradient for every parameter that requires one) see only the
+        learning column.
         """
         if not 0 <= n_columns <= self.n_tasks:
             raise ValueError(f"freeze: n_columns must be in [0, {self.n_tasks}], got {n_columns}")
         self._frozen = n_columns
         for k, column in enumerate(self.columns):
             for p in column.parameters():
-                p.requires_grad_(k >= n_columns)
+                p.requires_grad_(k == n_columns)
                 if k < n_columns:
                     p.grad = None
         self.train(self.training)

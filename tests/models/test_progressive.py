@@ -101,7 +101,8 @@ def test_freezing_stops_gradients_and_batch_norm_statistics_of_earlier_columns()
     net.train()
     assert not net.columns[0].training, "train() keeps frozen columns in evaluation mode"
     net.freeze(0)
-    assert net.columns[0].training and all(p.requires_grad for p in net.parameters())
+    assert net.columns[0].training and all(p.requires_grad for p in net.columns[0].parameters())
+    assert not any(p.requires_grad for c in net.columns[1:] for p in c.parameters()), "later columns wait their turn"
 
 
 def test_bad_arguments_and_task_ids_are_named() -> None:
