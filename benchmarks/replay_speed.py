@@ -12,8 +12,11 @@ and the ratios of medians to naive's, and writes them to ``docs/results/replay_s
 ``--profile`` also runs each replay method once under ``cProfile`` and records the five functions with the most
 own time (``tottime``), to check that buffer insertion and sampling are not among them.
 
+``--methods`` times a subset (``naive`` is always added: ratios are taken against it within the same run); with
+``--out`` the table goes to another file, e.g. to merge a subset's rows into the results by hand.
+
 Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/replay_speed.py [--repeats 3] [--steps 500]
-[--batch-sizes 10 32] [--profile]``
+[--batch-sizes 10 32] [--methods naive gem] [--profile] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import platform
 import pstats
 import statistics
 import tempfile
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -136,6 +140,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = ["naive", *[m for m in args.methods if m != "naive"]]
+    command = [f"--repeats {args.repeats}", f"--steps {args.steps}"]
+    command.append("--batch-sizes " + " ".join(map(str, args.batch_sizes)))
+    if args.replay_batch_size is not None:
+        command.append(f"--replay-batch-size {args.replay_batch_size}")
+    if methods != METHODS:
+        command.append("--methods " + " ".join(methods))
+    if args.profile:
+        command.append("--profile")
     lines = [
         "# Replay methods: training time relative to naive fine-tuning",
         "",
@@ -146,8 +158,8 @@ def main() -> None:
         "step, with `method.replay_batch_size=50`). Time is `train_seconds` (all `trainer.fit` calls, "
         "task-end selection included, evaluation excluded). The bars apply to the rows with the common replay batch.",
         f"torch {torch.__version__}, 1 intra-op thread, {os.cpu_count()} CPUs (shared with other jobs), Python "
-        f"{platform.python_version()}. Produced by `benchmarks/replay_speed.py --repeats {args.repeats} --steps "
-        f"{args.steps}`; runs alternate between methods; medians of {args.repeats} runs.",
+        f"{platform.python_version()}. Produced by `benchmarks/replay_speed.py {' '.join(command)}` on "
+        f"{date.today().isoformat()}; runs alternate between methods; medians of {args.repeats} runs.",
         "",
     ]
     for batch_size in args.batch_sizes:

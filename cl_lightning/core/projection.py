@@ -19,18 +19,38 @@ toward the memories; it is solved by the substitution ``v = margin + u``, ``u >=
 **A-GEM** (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019, eq. 11): with one reference
 gradient ``g_ref`` (on a batch drawn from the whole memory), ``g~ = g - (g . g_ref / g_ref . g_ref) g_ref`` if
 ``g . g_ref < 0``, else ``g``.
+
+**Gradients of several losses in one pass** (:class:`LinearGroupGradients`): GEM needs the gradient of each past
+task's memory loss separately. For a network of ``nn.Linear`` layers joined by per-sample operations (samples never
+interact), the gradient of the group loss ``L_k = sum_{i in k} l_i`` with respect to a layer's weight is
+``D_k^T A_k`` and with respect to its bias ``1^T D_k``, where ``A_k`` holds the layer's inputs on the group's
+samples and ``D_k`` the gradients ``dl_i / dz_i`` of their losses with respect to the layer's outputs. Since ``l_i``
+depends on sample ``i`` only, ``D`` is the gradient of ``L = sum_k L_k`` with respect to the layer's outputs: one
+forward over all groups and one backward (to the layer outputs only: no weight gradient is formed) give every
+``D_k``; the ``D_k^T A_k`` are one batched matrix product per layer. The arithmetic is that of one backward per
+group, in larger kernels and one autograd call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["agem_project", "flat_grad", "gem_dual", "gem_project", "write_flat_grad"]
+__all__ = ["LinearGroupGradients", "agem_project", "flat_grad", "gem_dual", "gem_project", "write_flat_grad"]
+
+# modules whose forward treats every sample on its own (Dropout draws an independent mask per element)
+PER_SAMPLE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.ReLU,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Sequential,
+)
 
 
 def flat_grad(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -118,3 +138,91 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
     norm = torch.dot(g_ref, g_ref)
     coef = torch.where(norm > 0, dot.clamp(max=0) / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
     return g - coef * g_ref
+
+
+class LinearGroupGradients:
+    """Per-group gradients of a network made of ``nn.Linear`` layers and per-sample modules (see the module doc).
+
+    Build it with :meth:`build`, which returns ``None`` for a network it cannot handle: a module whose type is not
+    exactly one of :data:`PER_SAMPLE_MODULES` or ``containers`` (types whose ``forward`` only chains their
+    children), or a trainable parameter that is not the weight or bias of one of its ``nn.Linear`` layers.
+
+    Args:
+        linears: The network's ``nn.Linear`` layers.
+        layout: ``(layer index, "weight" | "bias", offset, shape)`` of each parameter, in :func:`flat_grad` order.
+        n_params: Length of the flat gradient.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear], layout: Sequence[tuple[int, str, int, torch.Size]], n_params: int):
+        self.linears = list(linears)
+        self.layout = list(layout)
+        self.n_params = n_params
+        self._used = sorted({i for i, *_ in self.layout})  # layers whose output gradient is needed
+
+    @classmethod
+    def build(
+        cls, net: nn.Module, params: Sequence[Tensor], containers: tuple[type[nn.Module], ...] = ()
+    ) -> LinearGroupGradients | None:
+        """The helper for ``net`` and its trainable ``params`` (in flat order), or ``None`` if it does not apply."""
+        allowed = (*PER_SAMPLE_MODULES, *containers)
+        if any(type(m) not in allowed for m in net.modules()):
+            return None
+        linears = [m for m in net.modules() if type(m) is nn.Linear]
+        owner: dict[int, tuple[int, str]] = {}
+        for i, m in enumerate(linears):
+            owner[id(m.weight)] = (i, "weight")
+            if m.bias is not None:
+                owner[id(m.bias)] = (i, "bias")
+        layout, offset = [], 0
+        for p in params:
+            if id(p) not in owner:
+                return None
+            layout.append((*owner[id(p)], offset, p.shape))
+            offset += p.numel()
+        return cls(linears, layout, offset)
+
+    def __call__(self, loss_fn: Callable[[], Tensor], group_size: int, out: Tensor) -> bool:
+        """Write into row ``k`` of ``out`` (``[K, n_params]``) the flat gradient of group ``k``'s loss.
+
+        Args:
+            loss_fn: Runs the forward pass over all ``K * group_size`` samples, group after group, and returns
+                ``sum_k L_k`` (e.g. the sum of per-sample losses divided by ``group_size`` for per-group means).
+            group_size: Samples per group.
+            out: ``[K, n_params]``, written in place.
+
+        Returns:
+            ``False`` (``out`` unspecified) when the forward pass did not call every layer exactly once on a
+            ``[K * group_size, in_features]`` input; the caller then computes the gradients another way.
+        """
+        k = out.shape[0]
+        n = k * group_size
+        taps: dict[nn.Module, tuple[Tensor, Tensor] | None] = {}
+
+        def tap(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            taps[module] = None if module in taps else (args[0], output)  # a layer called twice: unsupported
+
+        handles = [self.linears[i].register_forward_hook(tap) for i in self._used]
+        try:
+            loss = loss_fn()
+        finally:
+            for handle in handles:
+                handle.remove()
+        seen = [taps.get(self.linears[i]) for i in self._used]
+        if any(t is None or t[0].dim() != 2 or t[0].shape[0] != n or t[1].shape[0] != n for t in seen):
+            return False
+        outputs = [t[1] for t in seen]  # type: ignore[index]
+        deltas = dict(zip(self._used, torch.autograd.grad(loss, outputs, allow_unused=True), strict=True))
+        inputs = {i: t[0].detach() for i, t in zip(self._used, seen, strict=True)}  # type: ignore[index]
+        with torch.no_grad():
+            for i, kind, offset, shape in self.layout:
+                rows = out[:, offset : offset + shape.numel()]
+                d = deltas[i]
+                if d is None:  # the loss does not depend on this layer
+                    rows.zero_()
+                elif kind == "weight":  # D_k^T A_k for every k, written into the rows
+                    a = inputs[i]
+                    da = d.reshape(k, group_size, -1).transpose(1, 2), a.reshape(k, group_size, -1)
+                    torch.bmm(*da, out=rows.view(k, *shape))
+                else:
+                    torch.sum(d.reshape(k, group_size, -1), 1, out=rows)
+        return True

@@ -208,13 +208,10 @@ class CLModule(pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        if self.reset_optimizer:
-            params = [p for p in self.parameters() if p.requires_grad]
-        else:
-            # A kept optimizer holds every parameter, also those frozen now and trainable later (a progressive
-            # network's next column): torch optimizers skip parameters without a gradient, and a resumed run
-            # rebuilds the same parameter list whatever is frozen at that moment.
-            params = list(self.parameters())
+        # A kept optimizer holds every parameter, also those frozen now and trainable later (a progressive network's
+        # next column): torch optimizers skip parameters without a gradient, and a resumed run rebuilds the same
+        # parameter list whatever is frozen at that moment.
+        params = [p for p in self.parameters() if p.requires_grad] if self.reset_optimizer else list(self.parameters())
         if self._optimizer is None or self.reset_optimizer:
             self._optimizer = self.optimizer_factory(params)
             if self.pending_optimizer_state is not None:

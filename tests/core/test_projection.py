@@ -9,7 +9,14 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from cl_lightning.core.projection import agem_project, flat_grad, gem_dual, gem_project, write_flat_grad
+from cl_lightning.core.projection import (
+    LinearGroupGradients,
+    agem_project,
+    flat_grad,
+    gem_dual,
+    gem_project,
+    write_flat_grad,
+)
 
 
 def closest_feasible(g: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -143,3 +150,47 @@ def test_flat_gradients_round_trip() -> None:
     write_flat_grad(params, torch.arange(11.0))
     assert params[0].grad.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert params[1].grad.tolist() == [6.0, 7.0, 8.0, 9.0] and params[2].grad.tolist() == [10.0]
+
+
+def per_group_gradients(net: torch.nn.Module, params: list, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference: one forward and one backward per group, each group's loss its mean cross-entropy."""
+    rows = []
+    for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
+        loss = torch.nn.functional.cross_entropy(net(xs), ys)
+        rows.append(flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_group_gradients_of_a_linear_network_equal_one_backward_per_group(k: int) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5, bias=False),
+        torch.nn.ReLU(), torch.nn.Identity(), torch.nn.Linear(5, 4),
+    )  # fmt: skip
+    net[1].bias.requires_grad_(False)  # a frozen parameter is left out of the flat gradient
+    params = [p for p in net.parameters() if p.requires_grad]
+    x, y = torch.randn(k * 6, 3, 4), torch.randint(0, 4, (k * 6,))
+    grouped = LinearGroupGradients.build(net, params)
+    assert grouped is not None and grouped.n_params == sum(p.numel() for p in params)
+    out = torch.full((k, grouped.n_params), float("nan"))
+    ok = grouped(lambda: torch.nn.functional.cross_entropy(net(x), y, reduction="sum") / 6, 6, out)
+    assert ok
+    torch.testing.assert_close(out, per_group_gradients(net, params, x, y, k), rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in net.parameters()), "no .grad is written"
+
+
+def test_group_gradients_refuse_what_they_cannot_split() -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    assert LinearGroupGradients.build(conv, list(conv.parameters())) is None, "convolutions: not handled"
+    norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    assert LinearGroupGradients.build(norm, [norm[0].weight]) is None, "batch norm mixes the samples of a batch"
+    lin = torch.nn.Linear(3, 2)
+    stray = torch.nn.Parameter(torch.zeros(1))
+    assert LinearGroupGradients.build(lin, [lin.weight, stray]) is None, "a parameter outside the linear layers"
+    shared = torch.nn.Linear(3, 3)
+    twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    grouped = LinearGroupGradients.build(twice, list(twice.parameters()))
+    assert grouped is not None
+    x = torch.randn(4, 3)
+    assert not grouped(lambda: twice(x).sum(), 2, torch.zeros(2, grouped.n_params)), "a layer applied twice"

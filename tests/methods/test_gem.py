@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from cl_lightning.core.projection import flat_grad
+from cl_lightning.core.projection import LinearGroupGradients, flat_grad
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.gem import GEM
 from cl_lightning.train import train
@@ -92,6 +92,50 @@ def test_projected_gradient_increases_no_memory_loss(make_cfg, monkeypatch) -> N
     monkeypatch.setattr(GEM, "on_before_optimizer_step", checked_step)
     train(make_cfg(*SMALL, "method.memory_strength=0", "method.eps=0"))
     assert checked["steps"] > 0 and checked["projected"] > 0, "the constraints were active in this run"
+
+
+@pytest.mark.parametrize(
+    ("scenario", "grouped", "replay"),
+    [("class_il", True, "null"), ("task_il", True, "null"), ("class_il", True, "4"), ("task_il", False, "4")],
+)
+def test_memory_gradients_equal_one_backward_per_past_task(
+    make_cfg, monkeypatch, scenario: str, grouped: bool, replay: str
+) -> None:
+    # each row of G against autograd on that task's memory alone (its own task's training logits); the one-pass
+    # path (MLP) and the one-pass-per-task path (grouped=False) alike; p.grad is left alone
+    if not grouped:
+        monkeypatch.setattr(LinearGroupGradients, "build", classmethod(lambda cls, *args: None))
+    drawn = []
+    original_memory, original_gradients = GEM._memory, GEM.memory_gradients
+
+    def record_memory(self, tasks):
+        drawn.append(original_memory(self, tasks))
+        return drawn[-1]
+
+    checked = []
+
+    def checked_gradients(self, pl_module, params, tasks, out) -> None:
+        before = [p.grad.clone() for p in params]
+        original_gradients(self, pl_module, params, tasks, out)
+        assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True)), "p.grad untouched"
+        assert (self._grouped is not None) == grouped
+        memory, sizes = drawn[-1]
+        x = pl_module.prepare(memory.x, train=True)
+        start = 0
+        for row, task, n in zip(out, tasks, sizes, strict=True):
+            part = slice(start, start + n)
+            assert bool((memory.task_id[part] == task).all()), "row k holds task k's memory"
+            logits = pl_module.training_logits(pl_module(x[part], memory.task_id[part]), memory.task_id[part])
+            loss = F.cross_entropy(logits, memory.y[part])
+            expected = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
+            torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-7)
+            start += n
+        checked.append(len(tasks))
+
+    monkeypatch.setattr(GEM, "_memory", record_memory)
+    monkeypatch.setattr(GEM, "memory_gradients", checked_gradients)
+    train(make_cfg(*SMALL, f"dataset.scenario={scenario}", f"method.replay_batch_size={replay}"))
+    assert checked and max(checked) == 4, "every past task, up to four at the last task"
 
 
 def test_forgets_less_than_naive_in_class_il(make_cfg) -> None:

@@ -47,7 +47,7 @@ def test_bad_values_name_the_key(make_cfg, override: str, message: str) -> None:
 def test_head_adaptation_needs_a_head(make_cfg) -> None:
     cfg = make_cfg(
         "method=oml", "method.adapt=head", "dataset.scenario=task_il", "logger=none",
-        "model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout",
+        "model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout", "~model.init",
     )  # fmt: skip
     with pytest.raises(ConfigError, match="method.adapt=head: the model TaskRoutedNet has no trainable `head`"):
         train(cfg)
@@ -143,7 +143,7 @@ def test_runs_in_every_scenario_and_task_free(make_cfg, scenario: str) -> None:
 def test_first_order_head_only_full_batch_and_a_task_routed_network_train(make_cfg) -> None:
     variants = ["method.first_order=true", "method.adapt=head", "method.inner_batch=full"]
     assert train(make_cfg(*SMALL, *variants, "dataset.scenario=task_il"))["avg_acc"] > 0.8
-    routed = ["model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout"]
+    routed = ["model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout", "~model.init"]
     assert train(make_cfg(*SMALL, *routed, "dataset.scenario=task_il"))["avg_acc"] > 0.7, "chance is 0.5"
 
 

@@ -71,6 +71,21 @@ def test_mlp_accepts_listconfig() -> None:
     assert n_params(net) == 784 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
 
 
+def test_mlp_xavier_init_is_mammoths() -> None:
+    # Mammoth's MNISTMLP: weights U(-a, a) with a = sqrt(6 / (fan_in + fan_out)), zero biases
+    torch.manual_seed(0)
+    net = MLP((1, 28, 28), 10, hidden=[100, 100], init="xavier")
+    for m in (m for m in net.modules() if isinstance(m, nn.Linear)):
+        bound = (6 / (m.in_features + m.out_features)) ** 0.5
+        assert float(m.weight.abs().max()) <= bound and float(m.weight.abs().max()) > 0.9 * bound
+        assert float(m.weight.std()) == pytest.approx(bound / 3**0.5, rel=0.05)
+        assert not m.bias.any()
+    default = MLP((1, 28, 28), 10, hidden=[100, 100])
+    assert default.head.bias.any(), "the default keeps PyTorch's initialisation"
+    with pytest.raises(ValueError, match="model.init"):
+        MLP((1, 28, 28), 10, init="kaiming")
+
+
 def _reduced_resnet18_params(c: int, nf: int, k: int) -> int:
     """Parameter count of GEM's reduced ResNet-18 by arithmetic (bias-free convs, BN has weight + bias)."""
 

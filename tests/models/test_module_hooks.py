@@ -16,9 +16,8 @@ TASK_IL = ["dataset.scenario=task_il", "logger=none", "epochs_per_task=1"]
 
 def test_task_conditioned_network_gets_each_samples_task_in_training_and_evaluation(make_cfg) -> None:
     TaskRoutedNet.calls.clear()
-    cfg = make_cfg(
-        *TASK_IL, "model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout", "epochs_per_task=4"
-    )
+    routed = ["model._target_=helpers.hooks.TaskRoutedNet", "~model.hidden", "~model.dropout", "~model.init"]
+    cfg = make_cfg(*TASK_IL, *routed, "epochs_per_task=4")
     results = train(cfg)
     assert results["complete"]
     seen = torch.cat(TaskRoutedNet.calls).unique().tolist()
