@@ -202,7 +202,12 @@ def main() -> None:
         f"# {title}",
         "",
         f"Overrides: `{' '.join(overrides)}`; seeds {', '.join(map(str, args.seeds))}; `threads=1`. "
-        f"Produced by `benchmarks/reproduce.py {args.table}` in {wall / 60:.0f} min of wall time. Average accuracy "
+        + (
+            f"Produced by `benchmarks/reproduce.py {args.table}` in {wall / 60:.0f} min of wall time. "
+            if args.results_from is None
+            else f"Tabulated by `benchmarks/reproduce.py {args.table} --results-from` from runs made separately. "
+        )
+        + "Average accuracy "
         f"(percent) after the last task, mean ± sample std over seeds; bar: within {args.tolerance} points of the "
         "published number or above it.",
         "",

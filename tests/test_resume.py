@@ -49,7 +49,8 @@ def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path, extra: li
 
 
 METHODS = [
-    "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem", "oml", "packnet", "pnn",
+    "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "der", "derpp", "gem", "agem",
+    "oml", "packnet", "pnn", "dgr",
 ]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from cl_lightning.methods.agem import AGEM
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import DER
 from cl_lightning.methods.derpp import DERpp
+from cl_lightning.methods.dgr import DGR
 from cl_lightning.methods.er import ER
 from cl_lightning.methods.ewc import EWC
 from cl_lightning.methods.gem import GEM
@@ -18,6 +19,6 @@ from cl_lightning.methods.pnn import PNN
 from cl_lightning.methods.si import SI
 
 __all__ = [
-    "AGEM", "DER", "EWC", "GEM", "MAS", "OML", "PNN", "SI", "CLMethod", "DERpp", "ER", "Joint", "LwF", "Naive",
+    "AGEM", "DER", "DGR", "EWC", "GEM", "MAS", "OML", "PNN", "SI", "CLMethod", "DERpp", "ER", "Joint", "LwF", "Naive",
     "OnlineEWC", "PackNet",
 ]  # fmt: skip
