@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.methods import assert_resume_parity, capture
 from hydra.utils import instantiate
 
 from cl_lightning.errors import ConfigError
@@ -14,28 +15,6 @@ from cl_lightning.train import train
 
 SMALL = ["method=der", "method.buffer_size=50", "method.replay_batch_size=16", "logger=none"]
 ONLINE = ["dataset.stream=online", "epochs_per_task=1"]
-
-
-def capture(monkeypatch: pytest.MonkeyPatch, cls: type) -> list:
-    """Instances of ``cls`` that train() builds, recorded when their fit starts."""
-    seen: list = []
-    original = cls.on_fit_start
-
-    def record(self, trainer, pl_module) -> None:
-        if self not in seen:
-            seen.append(self)
-        original(self, trainer, pl_module)
-
-    monkeypatch.setattr(cls, "on_fit_start", record)
-    return seen
-
-
-def assert_resume_parity(make_cfg, *overrides: str) -> None:
-    whole = train(make_cfg(*overrides))
-    cfg = make_cfg(*overrides, "max_tasks=2")
-    assert train(cfg)["tasks_completed"] == 2
-    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
-    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
 
 
 def test_config_instantiates(make_cfg) -> None:

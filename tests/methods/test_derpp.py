@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.methods import assert_resume_parity
 from hydra.utils import instantiate
 
 from cl_lightning.core.buffer import Buffer
@@ -15,14 +16,6 @@ from cl_lightning.methods.derpp import DERpp
 from cl_lightning.train import train
 
 SMALL = ["method=derpp", "method.buffer_size=50", "method.replay_batch_size=16", "logger=none"]
-
-
-def assert_resume_parity(make_cfg, *overrides: str) -> None:
-    whole = train(make_cfg(*overrides))
-    cfg = make_cfg(*overrides, "max_tasks=2")
-    assert train(cfg)["tasks_completed"] == 2
-    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
-    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
 
 
 def test_config_instantiates(make_cfg) -> None:

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.methods import assert_resume_parity
 from helpers.synthetic import blobs
 from hydra.utils import instantiate
-from methods.test_der import assert_resume_parity
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cl_lightning.core.vae import VAE

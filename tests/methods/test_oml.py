@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.methods import assert_resume_parity, capture
 from hydra.utils import instantiate
-from methods.test_der import assert_resume_parity, capture
 from torch import Tensor
 
 from cl_lightning.errors import ConfigError

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.methods import assert_resume_parity
 from hydra.utils import instantiate
 
 from cl_lightning.core.pruning import FREE
@@ -44,15 +45,6 @@ def record_task_ends(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(PackNet, "on_task_end", record)
     return ends
-
-
-def assert_resume_parity(make_cfg, *overrides: str) -> None:
-    whole = train(make_cfg(*overrides))
-    cfg = make_cfg(*overrides, "max_tasks=2")
-    assert train(cfg)["tasks_completed"] == 2
-    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
-    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"], "bit-identical on CPU"
-    assert resumed["diagnostics"] == whole["diagnostics"]
 
 
 def cli(out: Path, *args: str) -> subprocess.CompletedProcess[str]:

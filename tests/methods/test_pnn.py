@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.methods import assert_resume_parity
 from hydra.utils import instantiate
-from methods.test_der import assert_resume_parity
 from methods.test_er import assert_mid_task_resume
 
 from cl_lightning.errors import ConfigError
