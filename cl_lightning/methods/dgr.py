@@ -18,6 +18,7 @@ from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.er import gather
 from cl_lightning.methods.ewc import check_number
+from cl_lightning.models.backbones import net_logits, routes_by_task
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -36,10 +37,6 @@ def _positive(key: str, value: Any) -> float:
     if not number > 0:
         raise ConfigError(f"{key}={value!r}: must be a number > 0")
     return number
-
-
-def _logits(net: nn.Module, x: Tensor, task_id: Tensor) -> Tensor:
-    return net(x, task_id) if getattr(net, "task_conditioned", False) else net(x)
 
 
 class DGR(CLMethod):
@@ -221,14 +218,14 @@ class DGR(CLMethod):
         drawn = self.prev_generator.sample(n * trainer.world_size, self.rng).view(-1, *self._shape)
         self._replay_x = drawn
         x = drawn[trainer.global_rank * n : (trainer.global_rank + 1) * n]
-        conditioned = getattr(pl_module.net, "task_conditioned", False)
+        conditioned = routes_by_task(pl_module.net)
         teacher_in, student_in = pl_module.prepare(x), pl_module.prepare(x, train=True)
         losses, student, teacher = [], None, None
         for task, mask in self._groups:
             tid = torch.full((n,), task, dtype=torch.long, device=x.device)
             if student is None or conditioned:
                 with torch.no_grad():
-                    teacher = _logits(self.prev_solver, teacher_in, tid)
+                    teacher = net_logits(self.prev_solver, teacher_in, tid)
                 student = pl_module(student_in, tid)
             assert teacher is not None
             losses.append(
@@ -275,7 +272,7 @@ class DGR(CLMethod):
             # a generator of its own: logging changes no draw of the run
             fixed = torch.Generator().manual_seed(self.seed)
             images = self.prev_generator.sample(self.sample_grid, fixed).view(-1, *self._shape)
-            if not getattr(pl_module.net, "task_conditioned", False):
+            if not routes_by_task(pl_module.net):
                 with torch.no_grad():
                     predicted = self.prev_solver(pl_module.prepare(images)).argmax(1)
                 images = images[predicted.argsort(stable=True)]

@@ -15,7 +15,7 @@ from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_pr
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
 from cl_lightning.methods.er import check_int, fill_from_task, per_task_quota
-from cl_lightning.models.backbones import MLP
+from cl_lightning.models.backbones import MLP, routes_by_task
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
@@ -182,7 +182,7 @@ class GEM(CLMethod):
             return
         if self._params is None:
             self._params = [p for p in module.parameters() if p.requires_grad]
-            routed = getattr(module.net, "task_conditioned", False)
+            routed = routes_by_task(module.net)
             self._grouped = None if routed else LinearGroupGradients.build(module.net, self._params, (MLP,))
         params = self._params
         g = flat_grad([p.grad for p in params], params)

@@ -16,6 +16,7 @@ from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
 from cl_lightning.methods.er import check_int, gather, stream_task_ids
+from cl_lightning.models.backbones import routes_by_task
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -143,7 +144,7 @@ class OML(CLMethod):
     @override
     def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         net = pl_module.net
-        routed = bool(getattr(net, "task_conditioned", False))
+        routed = routes_by_task(net)
 
         def step(x: Tensor, y: Tensor, task_id: Tensor) -> MetaBatch:
             return MetaBatch((x, task_id) if routed else (x,), (y, task_id))

@@ -19,7 +19,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock"]
+__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock", "routes_by_task", "net_logits"]
+
+
+def routes_by_task(net: nn.Module) -> bool:
+    """Whether ``net`` picks its computation by task (``net.task_conditioned``, e.g. a progressive network)."""
+    return bool(getattr(net, "task_conditioned", False))
+
+
+def net_logits(net: nn.Module, x: Tensor, task_id: Tensor | int | None) -> Tensor:
+    """``net(x, task_id)`` for a network that routes by task, ``net(x)`` for the others."""
+    if routes_by_task(net):
+        if task_id is None:
+            raise ValueError("this network routes inputs by task: pass task_id")
+        return net(x, task_id)
+    return net(x)
 
 
 def _is_positive_int(value: object) -> bool:

@@ -16,6 +16,7 @@ from cl_lightning.data.batch import Batch
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.metrics import AccuracyMatrix
+from cl_lightning.models.backbones import net_logits
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -108,11 +109,7 @@ class CLModule(pl.LightningModule):
         Methods call ``pl_module(pl_module.prepare(x, train=True), task_id)`` rather than ``pl_module.net`` so they
         work with either kind of network.
         """
-        if getattr(self.net, "task_conditioned", False):
-            if task_id is None:
-                raise ValueError("this network routes inputs by task: pass task_id")
-            return self.net(x, task_id)
-        return self.net(x)
+        return net_logits(self.net, x, task_id)
 
     @contextmanager
     def task_view(self, task_id: int) -> Iterator[None]:
