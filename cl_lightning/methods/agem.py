@@ -12,7 +12,7 @@ from typing_extensions import override
 from cl_lightning.core.buffer import Buffer
 from cl_lightning.core.projection import agem_project, flat_grad, write_flat_grad
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.er import check_int, fill_from_task, per_task_quota
+from cl_lightning.methods.er import ProjectionRate, check_int, fill_from_task, per_task_quota
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
@@ -56,8 +56,7 @@ class AGEM(CLMethod):
         self.buffer = Buffer(buffer_size, "random", seed)
         self.quota = 0
         self._filled = -1
-        self._conflicts: torch.Tensor | None = None  # steps projected since the last log (a diagnostic, on device)
-        self._steps = 0
+        self._rate = ProjectionRate(self.name)  # a diagnostic
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -89,16 +88,7 @@ class AGEM(CLMethod):
             g_ref = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
         g = flat_grad([p.grad for p in params], params)
         write_flat_grad(params, agem_project(g, g_ref))
-        self._log_projection_rate(module, torch.dot(g, g_ref) < 0)
-
-    def _log_projection_rate(self, module: CLModule, conflict: torch.Tensor) -> None:
-        """Log ``train/agem/projection_rate`` (share of steps projected) every ``module.log_every_n_steps``."""
-        self._conflicts = conflict.float() if self._conflicts is None else self._conflicts + conflict
-        self._steps += 1
-        if self._steps >= module.log_every_n_steps and module.logger is not None:
-            rate = float(self._conflicts) / self._steps  # one host sync per logging interval
-            module.logger.log_metrics({f"train/{self.name}/projection_rate": rate}, step=module.global_step)
-            self._conflicts, self._steps = None, 0
+        self._rate.update(module, torch.dot(g, g_ref) < 0)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -179,3 +179,20 @@ class ER(CLMethod):
             self.buffer.load_state_dict(state_dict["buffer"])
         self._filled = int(state_dict.get("filled", self._filled))
         self._task = int(state_dict.get("task", self._task))
+
+
+class ProjectionRate:
+    """Share of steps whose gradient a projection changed (GEM, A-GEM), logged as ``train/<name>/projection_rate``
+    every ``module.log_every_n_steps`` steps. Counts may be device tensors: one host sync per logging interval."""
+
+    def __init__(self, name: str) -> None:
+        self.tag = f"train/{name}/projection_rate"
+        self.projected: Tensor | float = 0.0
+        self.steps = 0
+
+    def update(self, module: CLModule, projected: Tensor | bool) -> None:
+        self.projected = self.projected + projected
+        self.steps += 1
+        if self.steps >= module.log_every_n_steps and module.logger is not None:
+            module.logger.log_metrics({self.tag: float(self.projected) / self.steps}, step=module.global_step)
+            self.projected, self.steps = 0.0, 0

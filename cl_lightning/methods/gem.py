@@ -14,7 +14,7 @@ from cl_lightning.core.buffer import Buffer, BufferSample
 from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_project, write_flat_grad
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
-from cl_lightning.methods.er import check_int, fill_from_task, per_task_quota
+from cl_lightning.methods.er import ProjectionRate, check_int, fill_from_task, per_task_quota
 from cl_lightning.models.backbones import MLP, routes_by_task
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class GEM(CLMethod):
         self.buffer = Buffer(buffer_size, "random", seed)
         self.quota = 0
         self._filled = -1
-        self._projected = self._steps = 0  # steps projected since the last log (a diagnostic)
+        self._rate = ProjectionRate(self.name)  # a diagnostic
         # caches, rebuilt when the memory changes (task end, restore) or at fit start (parameters may change)
         self._slots: dict[int, Tensor] = {}  # slots of each stored task
         self._whole: tuple[list[int], BufferSample] | None = None  # (tasks, their whole memories)
@@ -193,12 +193,7 @@ class GEM(CLMethod):
         projected = gem_project(g, memories, self.memory_strength, self.eps)
         if projected is not g:
             write_flat_grad(params, projected)
-        self._projected += projected is not g
-        self._steps += 1
-        if self._steps >= module.log_every_n_steps and module.logger is not None:
-            rate = self._projected / self._steps
-            module.logger.log_metrics({f"train/{self.name}/projection_rate": rate}, step=module.global_step)
-            self._projected = self._steps = 0
+        self._rate.update(module, projected is not g)
 
     @override
     def state_dict(self) -> dict[str, Any]:
