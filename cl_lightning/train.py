@@ -309,6 +309,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         hide_task_boundaries=dm.stream == "online",
         preprocess=dm.preprocess,
+        augments=dm.augment != "none",
         **cfg.module,
     )
     logger = instantiate(cfg.logger) if cfg.get("logger") else False

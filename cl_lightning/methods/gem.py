@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.buffer import Buffer, BufferSample
-from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_project, write_flat_grad
+from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_project_stacked, write_flat_grad
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
 from cl_lightning.methods.er import ProjectionRate, check_int, fill_from_task, per_task_quota
@@ -19,6 +19,17 @@ from cl_lightning.models.backbones import MLP, routes_by_task
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
+
+
+class StepMemory(NamedTuple):
+    """The memories a GEM step uses: the samples, their network inputs, how many of each past task, and the
+    one-pass helper (``None``: one pass per task) with its inputs (possibly reduced to the features it keeps)."""
+
+    sample: BufferSample
+    x: Tensor
+    sizes: list[int]
+    grouped: LinearGroupGradients | None
+    grouped_x: Tensor
 
 
 class GEM(CLMethod):
@@ -60,7 +71,9 @@ class GEM(CLMethod):
     gradients come from one forward over the concatenated memories and one backward, per-task weight gradients
     being batched products ``D_k^T A_k`` (:class:`cl_lightning.core.projection.LinearGroupGradients`): the same
     arithmetic as one backward per task, in larger kernels. Other networks (convolutions, batch norm, task-routed
-    networks) get one forward and backward per past task.
+    networks) get one forward and backward per past task. ``G G^T`` and ``G g`` come from one product of the rows
+    ``[G; g]`` (:func:`cl_lightning.core.projection.gem_project_stacked`). The memory is fixed during a task, so its
+    network inputs are prepared once per task, unless the preprocessing augments (then every step draws anew).
 
     DDP: ``p.grad`` is already all-reduced when the hook runs; memories are filled from the whole task with the
     same seeded generator and the memory gradients are computed with ``torch.autograd.grad`` on the plain network
@@ -100,10 +113,11 @@ class GEM(CLMethod):
         self._rate = ProjectionRate(self.name)  # a diagnostic
         # caches, rebuilt when the memory changes (task end, restore) or at fit start (parameters may change)
         self._slots: dict[int, Tensor] = {}  # slots of each stored task
-        self._whole: tuple[list[int], BufferSample] | None = None  # (tasks, their whole memories)
+        # (tasks, their whole memories, what a step needs of them, or None when preprocessing augments)
+        self._whole: tuple[list[int], BufferSample, StepMemory | None] | None = None
         self._params: list[Tensor] | None = None  # trainable parameters, in flat-gradient order
         self._grouped: LinearGroupGradients | None = None  # one-pass memory gradients, None: one pass per task
-        self._rows: Tensor | None = None  # workspace for G
+        self._rows: Tensor | None = None  # workspace: G's rows, then g
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -126,46 +140,69 @@ class GEM(CLMethod):
             self._filled = task_id
             self._forget()
 
-    def _memory(self, tasks: list[int]) -> tuple[BufferSample, list[int]]:
-        """The memory samples of ``tasks`` for this step, task after task, and how many of each task: each task's
-        whole memory, or ``replay_batch_size`` samples of it drawn anew."""
+    def _memory(self, module: CLModule, tasks: list[int]) -> StepMemory:
+        """The memory samples of ``tasks`` for this step, task after task: each task's whole memory (gathered,
+        prepared unless the preprocessing augments, and reduced for the one-pass helper, once per task), or
+        ``replay_batch_size`` samples of it drawn anew."""
         r = self.replay_batch_size
         if r is None or all(len(self._slots[t]) <= r for t in tasks):  # whole memories: gathered once
             if self._whole is None or self._whole[0] != tasks:
-                self._whole = (tasks, self.buffer.get(torch.cat([self._slots[t] for t in tasks])))
-            return self._whole[1], [len(self._slots[t]) for t in tasks]
-        picks = []
-        for t in tasks:  # a fresh subsample of each task's memory, in task order
-            slots = self._slots[t]
-            if len(slots) > r:
-                slots = slots[torch.randperm(len(slots), generator=self.buffer.generator)[:r].to(slots.device)]
-            picks.append(slots)
-        return self.buffer.get(torch.cat(picks)), [len(s) for s in picks]
+                sample = self.buffer.get(torch.cat([self._slots[t] for t in tasks]))
+                sizes = [len(self._slots[t]) for t in tasks]
+                cached = None
+                if not module.augments:
+                    x = module.prepare(sample.x, train=True)
+                    grouped, grouped_x = self._one_pass(sizes), x
+                    if grouped is not None:  # the memory is fixed: drop the input features it never uses
+                        grouped, grouped_x = grouped.restricted(x)
+                    cached = StepMemory(sample, x, sizes, grouped, grouped_x)
+                self._whole = (tasks, sample, cached)
+            _, sample, cached = self._whole
+            if cached is not None:
+                return cached
+            sizes = [len(self._slots[t]) for t in tasks]
+        else:
+            picks = []
+            for t in tasks:  # a fresh subsample of each task's memory, in task order
+                slots = self._slots[t]
+                if len(slots) > r:
+                    slots = slots[torch.randperm(len(slots), generator=self.buffer.generator)[:r].to(slots.device)]
+                picks.append(slots)
+            sample, sizes = self.buffer.get(torch.cat(picks)), [len(s) for s in picks]
+        x = module.prepare(sample.x, train=True)
+        return StepMemory(sample, x, sizes, self._one_pass(sizes), x)
 
-    def memory_gradients(self, module: CLModule, params: list[Tensor], tasks: list[int], out: Tensor) -> None:
-        """Write into row ``k`` of ``out`` the flat gradient of the loss on ``tasks[k]``'s memory (``p.grad``
-        untouched): the mean cross-entropy of its samples, each with its own task's training logits."""
-        memory, sizes = self._memory(tasks)
-        x, y, task_id = module.prepare(memory.x, train=True), memory.y, memory.task_id
-        if self._grouped is not None and len(set(sizes)) == 1:
-            grouped, size = self._grouped, sizes[0]
+    def _one_pass(self, sizes: list[int]) -> LinearGroupGradients | None:
+        return self._grouped if len(set(sizes)) == 1 else None
 
-            def loss() -> Tensor:  # the sum over tasks of each task's mean loss
-                logits = module.training_logits(module(x, task_id), task_id)
-                return F.cross_entropy(logits, y, reduction="sum") / size
+    def memory_gradients(self, module: CLModule, params: list[Tensor], memory: StepMemory, out: Tensor) -> bool:
+        """Write into row ``k`` of ``out`` the flat gradient of the loss on the ``k``-th task's memory (``p.grad``
+        untouched): the mean cross-entropy of its samples, each with its own task's training logits. The flat
+        layout is ``memory.grouped``'s when it is set (one pass for all tasks), else :func:`flat_grad`'s (one pass
+        per task). Returns ``False`` (``out`` unspecified) when the one-pass helper stepped aside."""
+        y, task_id = memory.sample.y, memory.sample.task_id
+        if memory.grouped is not None:
+            size = memory.sizes[0]
 
-            with torch.enable_grad():
-                if grouped(loss, size, out):
-                    return
-            self._grouped = None  # the network did not run as a chain of layers: one pass per task from now on
+            def loss(logits: Tensor) -> Tensor:  # the sum over tasks of each task's mean loss
+                return F.cross_entropy(module.training_logits(logits, task_id), y, reduction="sum") / size
+
+            return memory.grouped(memory.grouped_x, loss, size, out)
         start = 0
-        for row, n in zip(out, sizes, strict=True):  # one forward and backward per task
+        for row, n in zip(out, memory.sizes, strict=True):  # one forward and backward per task
             part = slice(start, start + n)
             with torch.enable_grad():
-                logits = module.training_logits(module(x[part], task_id[part]), task_id[part])
+                logits = module.training_logits(module(memory.x[part], task_id[part]), task_id[part])
                 grads = torch.autograd.grad(F.cross_entropy(logits, y[part]), params, allow_unused=True)
             flat_grad(grads, params, out=row)
             start += n
+        return True
+
+    def _workspace(self, k: int, n: int, like: Tensor) -> Tensor:
+        """``[k + 1, n]``: G's rows, then g; reused across steps."""
+        if self._rows is None or self._rows.shape != (k + 1, n) or self._rows.dtype != like.dtype:
+            self._rows = torch.empty(k + 1, n, dtype=like.dtype, device=like.device)
+        return self._rows
 
     @override
     def on_before_optimizer_step(
@@ -184,16 +221,28 @@ class GEM(CLMethod):
             self._params = [p for p in module.parameters() if p.requires_grad]
             routed = routes_by_task(module.net)
             self._grouped = None if routed else LinearGroupGradients.build(module.net, self._params, (MLP,))
+            self._whole = None
         params = self._params
-        g = flat_grad([p.grad for p in params], params)
-        if self._rows is None or self._rows.shape != (len(past), len(g)) or self._rows.dtype != g.dtype:
-            self._rows = g.new_empty(len(past), len(g))  # G, one row per past task, reused across steps
-        memories = self._rows
-        self.memory_gradients(module, params, past, out=memories)
-        projected = gem_project(g, memories, self.memory_strength, self.eps)
-        if projected is not g:
-            write_flat_grad(params, projected)
-        self._rate.update(module, projected is not g)
+        memory = self._memory(module, past)
+        grouped = memory.grouped
+        if grouped is not None:
+            rows = self._workspace(len(past), grouped.n_params, params[0])
+            grouped.gather(params, rows[-1])
+            if not self.memory_gradients(module, params, memory, rows[:-1]):
+                # the network did not run as a chain of layers: one pass per task from now on
+                self._grouped = grouped = self._whole = None
+                memory = self._memory(module, past)
+        if grouped is None:
+            rows = self._workspace(len(past), sum(p.numel() for p in params), params[0])
+            flat_grad([p.grad for p in params], params, out=rows[-1])
+            self.memory_gradients(module, params, memory, rows[:-1])
+        projected = gem_project_stacked(rows, self.memory_strength, self.eps)
+        if projected is not None:
+            if grouped is not None:
+                grouped.scatter(params, projected)
+            else:
+                write_flat_grad(params, projected)
+        self._rate.update(module, projected is not None)
 
     @override
     def state_dict(self) -> dict[str, Any]:

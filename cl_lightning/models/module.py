@@ -50,6 +50,8 @@ class CLModule(pl.LightningModule):
         hide_task_boundaries: Online stream: methods get no task events.
         preprocess: ``(x, train) -> x``: turns stored inputs (``uint8``) into network inputs on the device
             (scaling, training-time augmentation, normalisation); the datamodule's ``preprocess``.
+        augments: Whether ``preprocess(x, train=True)`` draws random augmentations. When it does not, methods may
+            prepare a fixed set of stored inputs once and reuse it (GEM's episodic memories).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class CLModule(pl.LightningModule):
         log_every_n_steps: int = 50,
         hide_task_boundaries: bool = False,
         preprocess: Callable[[Tensor, bool], Tensor] | None = None,
+        augments: bool = False,
     ) -> None:
         super().__init__()
         if train_outputs not in ("seen", "all"):
@@ -75,7 +78,7 @@ class CLModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scenario, self.reset_optimizer, self.train_outputs = scenario, reset_optimizer, train_outputs
         self.log_every_n_steps, self.hide_task_boundaries = log_every_n_steps, hide_task_boundaries
-        self.preprocess = preprocess
+        self.preprocess, self.augments = preprocess, augments
         n_tasks = len(task_outputs)
         self.n_tasks = n_tasks
         masks = torch.zeros(n_tasks, n_outputs, dtype=torch.bool)

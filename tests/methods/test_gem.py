@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from cl_lightning.core.projection import LinearGroupGradients, flat_grad
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.gem import GEM
+from cl_lightning.methods.gem import GEM, StepMemory
 from cl_lightning.train import train
 
 SMALL = ["method=gem", "method.buffer_size=50", "logger=none"]
@@ -87,48 +87,68 @@ def test_projected_gradient_increases_no_memory_loss(make_cfg, monkeypatch) -> N
     assert checked["steps"] > 0 and checked["projected"] > 0, "the constraints were active in this run"
 
 
+def expected_rows(memory: StepMemory, module, params: list, tasks: list[int]) -> torch.Tensor:
+    """Autograd on each task's memory alone (its own task's training logits), in the layout of ``memory``."""
+    grouped, rows, start = memory.grouped, [], 0
+    for task, n in zip(tasks, memory.sizes, strict=True):
+        part = slice(start, start + n)
+        start += n
+        task_id = memory.sample.task_id[part]
+        assert bool((task_id == task).all()), "row k holds task k's memory"
+        logits = module.training_logits(module(memory.x[part], task_id), task_id)
+        grads = torch.autograd.grad(F.cross_entropy(logits, memory.sample.y[part]), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+        if grouped is not None and grouped.columns is not None:  # the first layer's unused input columns
+            i = grouped.first_weight
+            dropped = torch.ones(grads[i].shape[1], dtype=torch.bool)
+            dropped[grouped.columns] = False
+            assert bool((grads[i][:, dropped] == 0).all()), "a feature zero in every memory sample: zero gradient"
+            grads[i] = grads[i][:, grouped.columns]
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
 @pytest.mark.parametrize(
-    ("scenario", "grouped", "replay"),
-    [("class_il", True, "null"), ("task_il", True, "null"), ("class_il", True, "4"), ("task_il", False, "4")],
+    ("scenario", "grouped", "replay", "pad"),
+    [
+        ("class_il", True, "null", 0),
+        ("class_il", True, "null", 1),
+        ("task_il", True, "null", 1),
+        ("class_il", True, "4", 1),
+        ("task_il", False, "4", 0),
+    ],
 )
 def test_memory_gradients_equal_one_backward_per_past_task(
-    make_cfg, monkeypatch, scenario: str, grouped: bool, replay: str
+    make_cfg, monkeypatch, scenario: str, grouped: bool, replay: str, pad: int
 ) -> None:
-    # each row of G against autograd on that task's memory alone (its own task's training logits); the one-pass
-    # path (MLP) and the one-pass-per-task path (grouped=False) alike; p.grad is left alone
+    # each row of G against autograd on that task's memory alone; the one-pass path (MLP), with the first layer's
+    # unused input columns left out (zero-padded images, whole memories) or not, and the one-pass-per-task path
+    # (grouped=False) alike; p.grad is left alone
     if not grouped:
         monkeypatch.setattr(LinearGroupGradients, "build", classmethod(lambda cls, *args: None))
-    drawn = []
-    original_memory, original_gradients = GEM._memory, GEM.memory_gradients
+    original = GEM.memory_gradients
+    checked, narrowed = [], []
 
-    def record_memory(self, tasks):
-        drawn.append(original_memory(self, tasks))
-        return drawn[-1]
-
-    checked = []
-
-    def checked_gradients(self, pl_module, params, tasks, out) -> None:
+    def checked_gradients(self, pl_module, params, memory, out) -> bool:
         before = [p.grad.clone() for p in params]
-        original_gradients(self, pl_module, params, tasks, out)
+        assert original(self, pl_module, params, memory, out)
         assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True)), "p.grad untouched"
-        assert (self._grouped is not None) == grouped
-        memory, sizes = drawn[-1]
-        x = pl_module.prepare(memory.x, train=True)
-        start = 0
-        for row, task, n in zip(out, tasks, sizes, strict=True):
-            part = slice(start, start + n)
-            assert bool((memory.task_id[part] == task).all()), "row k holds task k's memory"
-            logits = pl_module.training_logits(pl_module(x[part], memory.task_id[part]), memory.task_id[part])
-            loss = F.cross_entropy(logits, memory.y[part])
-            expected = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
-            torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-7)
-            start += n
+        assert (memory.grouped is not None) == grouped
+        assert torch.equal(memory.x, pl_module.prepare(memory.sample.x, train=True)), "the memory's network inputs"
+        tasks = sorted(set(memory.sample.task_id.tolist()))
+        torch.testing.assert_close(out, expected_rows(memory, pl_module, params, tasks), rtol=1e-5, atol=1e-6)
         checked.append(len(tasks))
+        narrowed.append(memory.grouped is not None and memory.grouped.columns is not None)
+        return True
 
-    monkeypatch.setattr(GEM, "_memory", record_memory)
     monkeypatch.setattr(GEM, "memory_gradients", checked_gradients)
-    train(make_cfg(*SMALL, f"dataset.scenario={scenario}", f"method.replay_batch_size={replay}"))
+    train(
+        make_cfg(
+            *SMALL, f"dataset.scenario={scenario}", f"method.replay_batch_size={replay}", f"+dataset.source.pad={pad}"
+        )
+    )
     assert checked and max(checked) == 4, "every past task, up to four at the last task"
+    assert any(narrowed) == (pad > 0 and replay == "null"), "columns left out for fixed memories with unused inputs"
 
 
 def test_forgets_less_than_naive_in_class_il(make_cfg) -> None:
@@ -159,3 +179,25 @@ def test_state_round_trip(make_cfg) -> None:
 
 def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
     assert_resume_parity(make_cfg, *SMALL, "method.replay_batch_size=4")
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_memory_inputs_are_prepared_once_per_task_unless_augmented(make_cfg, monkeypatch, augment: str) -> None:
+    # a fixed memory is prepared once and reused; with augmentation every step draws new inputs
+    seen: list[tuple[list[int], torch.Tensor]] = []
+    original = GEM._memory
+
+    def record(self, module, tasks):
+        memory = original(self, module, tasks)
+        assert module.augments == (augment != "none")
+        seen.append((list(tasks), memory.x))
+        return memory
+
+    monkeypatch.setattr(GEM, "_memory", record)
+    train(make_cfg(*SMALL, f"+dataset.augment={augment}"))
+    pairs = [(a, b) for (ta, a), (tb, b) in zip(seen, seen[1:], strict=False) if ta == tb]
+    assert pairs, "several steps with the same past tasks"
+    if augment == "none":
+        assert all(a is b for a, b in pairs), "the same prepared tensor every step"
+    else:
+        assert all(a is not b and not torch.equal(a, b) for a, b in pairs), "new augmentations every step"
