@@ -53,6 +53,7 @@ __all__ = [
     "gem_dual",
     "gem_project",
     "gem_project_stacked",
+    "gem_stacked_dual",
     "solve_gem_dual",
     "write_flat_grad",
 ]
@@ -157,14 +158,20 @@ def gem_project_stacked(rows: Tensor, margin: float = 0.0, eps: float = 1e-3) ->
     Returns:
         The projected update, or ``None`` when no constraint is violated (the update is ``rows[-1]``).
     """
+    v = gem_stacked_dual(rows, margin, eps)
+    return None if v is None else torch.addmv(rows[-1], rows[:-1].T, v)
+
+
+def gem_stacked_dual(rows: Tensor, margin: float = 0.0, eps: float = 1e-3) -> Tensor | None:
+    """The dual solution ``v`` of :func:`gem_project_stacked` (on ``rows``' device and dtype), ``None`` when no
+    constraint is violated: the update is ``rows[-1] + rows[:-1]^T v``."""
     k = rows.shape[0] - 1
     if k == 0:
         return None
     product = (rows @ rows.T).double().cpu().numpy()
     if not (product[:k, k] < 0).any():
         return None
-    v = solve_gem_dual(product[:k, :k], product[:k, k], margin, eps)
-    return torch.addmv(rows[k], rows[:k].T, torch.from_numpy(v).to(rows))
+    return torch.from_numpy(solve_gem_dual(product[:k, :k], product[:k, k], margin, eps)).to(rows)
 
 
 def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
@@ -191,9 +198,9 @@ class LinearGroupGradients:
     known. Dropout in training mode draws its mask as ``nn.Dropout`` does on the CPU (Bernoulli of ``1 - p``,
     divided by ``1 - p``).
 
-    The flat gradient holds the parameters in the order given to :meth:`build`; :meth:`gather` and
-    :meth:`scatter` move ``p.grad`` in and out of it. A helper from :meth:`restricted` leaves out the first linear
-    layer's weight columns of input features that are zero in every sample of a fixed input (see there).
+    The flat gradient holds the parameters in the order given to :meth:`build`; :meth:`gather` copies ``p.grad``
+    into it and :meth:`add_to_grads` adds a flat change back. A helper from :meth:`restricted` leaves out the first
+    linear layer's weight columns of input features that are zero in every sample of a fixed input (see there).
 
     Args:
         chain: The leaf modules, in the order the network applies them.
@@ -263,7 +270,7 @@ class LinearGroupGradients:
 
         For every group, column ``c`` of that weight's gradient ``D_k^T A_k`` is exactly zero when ``A[:, c]`` is
         (and the features add nothing to the forward pass), so dot products and combinations of the flat
-        gradients lose nothing; :meth:`scatter` writes back only the kept columns, the others keep ``p.grad``.
+        gradients lose nothing; :meth:`add_to_grads` changes only the kept columns of ``p.grad``.
         Sparse inputs (MNIST's border pixels are zero in every image) then cost fewer multiply-adds, forward and
         backward. Returns ``(self, x)`` when at least ``max_share`` of the features are nonzero somewhere, or when
         the first linear layer is not the first module that computes (only ``Flatten`` / ``Identity`` may precede
@@ -301,16 +308,16 @@ class LinearGroupGradients:
                 part.copy_(p.grad)
         return out
 
-    def scatter(self, params: Sequence[Tensor], vector: Tensor) -> None:
-        """Write the flat ``vector`` back into ``p.grad`` (the columns left out keep their values)."""
+    def add_to_grads(self, params: Sequence[Tensor], vector: Tensor) -> None:
+        """Add the flat ``vector`` to ``p.grad`` (the columns left out are unchanged)."""
         for j, ((_, _, offset, shape), p) in enumerate(zip(self.layout, params, strict=True)):
             part = vector[offset : offset + shape.numel()].view(shape)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if self.columns is not None and j == self.first_weight:
-                p.grad.index_copy_(1, self.columns, part)  # type: ignore[arg-type]
+                p.grad.index_add_(1, self.columns, part)  # type: ignore[arg-type]
             else:
-                p.grad.copy_(part)
+                p.grad.add_(part)
 
     def __call__(self, x: Tensor, loss_fn: Callable[[Tensor], Tensor], group_size: int, out: Tensor) -> bool:
         """Write into row ``k`` of ``out`` (``[K, n_params]``) the flat gradient of group ``k``'s loss.

@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.buffer import Buffer, BufferSample
-from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_project_stacked, write_flat_grad
+from cl_lightning.core.projection import LinearGroupGradients, flat_grad, gem_stacked_dual, write_flat_grad
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
 from cl_lightning.methods.er import ProjectionRate, check_int, fill_from_task, per_task_quota
@@ -236,13 +236,13 @@ class GEM(CLMethod):
             rows = self._workspace(len(past), sum(p.numel() for p in params), params[0])
             flat_grad([p.grad for p in params], params, out=rows[-1])
             self.memory_gradients(module, params, memory, rows[:-1])
-        projected = gem_project_stacked(rows, self.memory_strength, self.eps)
-        if projected is not None:
+        v = gem_stacked_dual(rows, self.memory_strength, self.eps)
+        if v is not None:  # z = g + G^T v
             if grouped is not None:
-                grouped.scatter(params, projected)
+                grouped.add_to_grads(params, torch.mv(rows[:-1].T, v))
             else:
-                write_flat_grad(params, projected)
-        self._rate.update(module, projected is not None)
+                write_flat_grad(params, torch.addmv(rows[-1], rows[:-1].T, v))
+        self._rate.update(module, v is not None)
 
     @override
     def state_dict(self) -> dict[str, Any]:

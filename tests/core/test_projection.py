@@ -255,13 +255,13 @@ def test_restricted_group_gradients_leave_out_inputs_unused_by_every_sample() ->
     assert bool((weight[:, :, [0, 1, 2, 3, 4, 13]] == 0).all()), "unused inputs: zero gradient in every group"
     torch.testing.assert_close(rows[:, :84], weight[:, :, kept].reshape(2, -1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(rows[:, 84:], expected[:, 120:], rtol=1e-5, atol=1e-7)
-    # gather and scatter move only the kept columns; the others keep p.grad
+    # gather and add_to_grads move only the kept columns; the others keep p.grad
     for p in params:
         p.grad = torch.randn_like(p)
     before = [p.grad.clone() for p in params]
     flat = grouped.gather(params, torch.empty(grouped.n_params))
     torch.testing.assert_close(flat[:84], before[0][:, kept].reshape(-1), rtol=0, atol=0)
-    grouped.scatter(params, flat + 1)
+    grouped.add_to_grads(params, torch.ones_like(flat))
     assert torch.equal(params[0].grad[:, kept], before[0][:, kept] + 1)
     assert torch.equal(params[0].grad[:, 0], before[0][:, 0]), "a left-out column keeps its value"
     assert all(torch.equal(p.grad, b + 1) for p, b in zip(params[1:], before[1:], strict=True))
