@@ -31,7 +31,7 @@ the ``D_k^T A_k`` are one batched matrix product per layer. The arithmetic is th
 larger kernels; the pass is written out layer by layer (autograd only differentiates the loss with respect to the
 logits), which on MNIST-sized MLPs saves the graph's bookkeeping at every step.
 
-**GEM's projection in one pass over G** (:func:`gem_project_stacked`): with ``g`` stored as the row after ``G``,
+**GEM's projection in one pass over G** (:func:`gem_stacked_dual`): with ``g`` stored as the row after ``G``,
 ``[G; g] [G; g]^T`` holds both ``G G^T`` and ``G g``; it is the only product of the ``P``-wide rows before the
 update ``G^T v + g``, and the one transfer to the host (the violation check and the ``K x K`` dual run there).
 """
@@ -52,7 +52,6 @@ __all__ = [
     "flat_grad",
     "gem_dual",
     "gem_project",
-    "gem_project_stacked",
     "gem_stacked_dual",
     "solve_gem_dual",
     "write_flat_grad",
@@ -87,7 +86,6 @@ def gem_dual(
     margin: float = 0.0,
     eps: float = 1e-3,
     dots: Tensor | None = None,
-    gram: Tensor | None = None,
 ) -> np.ndarray:
     """Solve GEM's dual ``min_{v >= margin} 1/2 v^T (G G^T + eps I) v + (G g)^T v`` exactly (NNLS on the K x K
     system in float64; ``G G^T`` and ``G g`` are computed in the inputs' dtype).
@@ -98,16 +96,15 @@ def gem_dual(
         margin: Lower bound of every dual variable (GEM's ``memory_strength``); 0 gives the exact projection.
         eps: Ridge added to the Gram matrix.
         dots: ``G g`` if already computed.
-        gram: ``G G^T`` if already computed.
 
     Returns:
         ``v``, ``[K]`` (float64).
     """
     # the P-dimensional products in the inputs' dtype, on their device; only the K x K system goes to float64
     G, g = memories.detach(), g.detach()
-    gram_np = (G @ G.T if gram is None else gram).double().cpu().numpy()
+    gram = (G @ G.T).double().cpu().numpy()
     p = (G @ g if dots is None else dots).double().cpu().numpy()
-    return solve_gem_dual(gram_np, p, margin, eps)
+    return solve_gem_dual(gram, p, margin, eps)
 
 
 def solve_gem_dual(gram: np.ndarray, dots: np.ndarray, margin: float = 0.0, eps: float = 1e-3) -> np.ndarray:
@@ -151,20 +148,14 @@ def gem_project(g: Tensor, memories: Tensor, margin: float = 0.0, eps: float = 1
     return torch.addmv(g, memories.T, torch.from_numpy(v).to(memories))
 
 
-def gem_project_stacked(rows: Tensor, margin: float = 0.0, eps: float = 1e-3) -> Tensor | None:
-    """:func:`gem_project` of ``g = rows[-1]`` on ``G = rows[:-1]``, with ``G g`` and ``G G^T`` taken from the one
+def gem_stacked_dual(rows: Tensor, margin: float = 0.0, eps: float = 1e-3) -> Tensor | None:
+    """:func:`gem_dual` for ``g = rows[-1]`` and ``G = rows[:-1]``, with ``G g`` and ``G G^T`` taken from the one
     product ``rows rows^T`` (a single pass over ``G`` instead of two; one transfer to the host).
 
     Returns:
-        The projected update, or ``None`` when no constraint is violated (the update is ``rows[-1]``).
+        ``v`` on ``rows``' device and dtype (the update is ``rows[-1] + rows[:-1]^T v``), or ``None`` when no
+        constraint is violated (the update is ``rows[-1]``).
     """
-    v = gem_stacked_dual(rows, margin, eps)
-    return None if v is None else torch.addmv(rows[-1], rows[:-1].T, v)
-
-
-def gem_stacked_dual(rows: Tensor, margin: float = 0.0, eps: float = 1e-3) -> Tensor | None:
-    """The dual solution ``v`` of :func:`gem_project_stacked` (on ``rows``' device and dtype), ``None`` when no
-    constraint is violated: the update is ``rows[-1] + rows[:-1]^T v``."""
     k = rows.shape[0] - 1
     if k == 0:
         return None

@@ -72,8 +72,11 @@ class GEM(CLMethod):
     being batched products ``D_k^T A_k`` (:class:`cl_lightning.core.projection.LinearGroupGradients`): the same
     arithmetic as one backward per task, in larger kernels. Other networks (convolutions, batch norm, task-routed
     networks) get one forward and backward per past task. ``G G^T`` and ``G g`` come from one product of the rows
-    ``[G; g]`` (:func:`cl_lightning.core.projection.gem_project_stacked`). The memory is fixed during a task, so its
-    network inputs are prepared once per task, unless the preprocessing augments (then every step draws anew).
+    ``[G; g]`` (:func:`cl_lightning.core.projection.gem_stacked_dual`). The memory is fixed during a task, so its
+    network inputs are prepared once per task, unless the preprocessing augments (then every step draws anew), and
+    on the one-pass path the first layer's weight columns of input features that are zero in every memory sample
+    (MNIST's border pixels) are left out of ``G``: those entries of every ``g_k`` are exactly zero, so the
+    projection is unchanged (:meth:`~cl_lightning.core.projection.LinearGroupGradients.restricted`).
 
     DDP: ``p.grad`` is already all-reduced when the hook runs; memories are filled from the whole task with the
     same seeded generator and the memory gradients are computed with ``torch.autograd.grad`` on the plain network

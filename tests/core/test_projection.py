@@ -15,7 +15,7 @@ from cl_lightning.core.projection import (
     flat_grad,
     gem_dual,
     gem_project,
-    gem_project_stacked,
+    gem_stacked_dual,
     write_flat_grad,
 )
 
@@ -99,9 +99,11 @@ def test_stacked_gem_projection_equals_the_plain_one(k: int, seed: int) -> None:
     rows = torch.randn(k + 1, 40, generator=gen)
     rows[k] = -rows[:k].sum(0) + 0.1 * torch.randn(40, generator=gen)  # g against the memories: violated
     expected = gem_project(rows[k].clone(), rows[:k].clone(), margin=0.5)
-    torch.testing.assert_close(gem_project_stacked(rows, margin=0.5), expected)
+    v = gem_stacked_dual(rows, margin=0.5)
+    assert v is not None and v.dtype == rows.dtype
+    torch.testing.assert_close(rows[k] + rows[:k].T @ v, expected)
     rows.abs_()  # every dot product positive: nothing violated
-    assert gem_project_stacked(rows, margin=0.5) is None
+    assert gem_stacked_dual(rows, margin=0.5) is None
 
 
 def test_gem_leaves_a_non_conflicting_gradient_alone() -> None:
