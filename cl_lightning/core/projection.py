@@ -219,6 +219,9 @@ class LinearGroupGradients:
         self.first_weight = next(
             (j for j, (i, kind, *_) in enumerate(self.layout) if i == self._linear0 and kind == "weight"), None
         )
+        self._by_layer: dict[int, list[tuple[str, int, torch.Size]]] = {}  # chain index -> its parameters
+        for i, kind, offset, shape in self.layout:
+            self._by_layer.setdefault(i, []).append((kind, offset, shape))
 
     @classmethod
     def build(
@@ -353,14 +356,11 @@ class LinearGroupGradients:
         logits = a.requires_grad_()
         with torch.enable_grad():
             (d,) = torch.autograd.grad(loss_fn(logits), logits)
-        grads: dict[int, list[tuple[str, int, torch.Size]]] = {}
-        for i, kind, offset, shape in self.layout:
-            grads.setdefault(i, []).append((kind, offset, shape))
         with torch.no_grad():
             for i in range(len(self.chain) - 1, self._first - 1, -1):
                 m, kept = self.chain[i], saved[i]
                 if isinstance(m, nn.Linear):
-                    for kind, offset, shape in grads.get(i, ()):
+                    for kind, offset, shape in self._by_layer.get(i, ()):
                         rows = out[:, offset : offset + shape.numel()]
                         if kind == "weight":  # D_k^T A_k for every k, written into the rows
                             dk = d.reshape(k, group_size, -1).transpose(1, 2)
@@ -369,8 +369,8 @@ class LinearGroupGradients:
                             torch.sum(d.reshape(k, group_size, -1), 1, out=rows)
                     if i > self._first:
                         d = d @ m.weight
-                elif kept is not None:  # ReLU: positive outputs pass; dropout: the drawn mask
-                    d = d * (kept > 0) if isinstance(m, nn.ReLU) else d * kept
+                elif kept is not None:  # ReLU: where the output is positive (ReLU's own backward); dropout: the mask
+                    d = torch.ops.aten.threshold_backward(d, kept, 0) if isinstance(m, nn.ReLU) else d * kept
                 # Flatten, Identity, dropout in eval mode: D passes unchanged (above a linear layer every tensor is
                 # [N, features], which Flatten leaves as it is)
         return True
