@@ -65,8 +65,8 @@ class GEM(CLMethod):
     initialises weights Glorot-uniform with zero biases (``+model.init=xavier`` here, PyTorch's default otherwise);
     see ``NOTES`` in ``benchmarks/reproduce.py``.
 
-    The edit is in ``on_before_optimizer_step`` (after AMP unscaling); memory gradients are computed there with
-    ``torch.autograd.grad``, so ``p.grad`` holds the current gradient until the projection is written back. On a
+    The edit is in ``on_before_optimizer_step`` (after AMP unscaling); memory gradients are computed there without
+    writing ``p.grad``, which holds the current gradient until the correction ``G^T v`` is added to it. On a
     network of ``nn.Linear`` layers and per-sample modules (the MLPs of the MNIST protocols) all past tasks' memory
     gradients come from one forward over the concatenated memories and one backward, per-task weight gradients
     being batched products ``D_k^T A_k`` (:class:`cl_lightning.core.projection.LinearGroupGradients`): the same
@@ -79,9 +79,9 @@ class GEM(CLMethod):
     projection is unchanged (:meth:`~cl_lightning.core.projection.LinearGroupGradients.restricted`).
 
     DDP: ``p.grad`` is already all-reduced when the hook runs; memories are filled from the whole task with the
-    same seeded generator and the memory gradients are computed with ``torch.autograd.grad`` on the plain network
-    (no DDP hook fires, no ``p.grad`` is written), so every rank computes the same projection and the weights stay
-    in sync.
+    same seeded generator and the memory gradients are computed on the plain network (``torch.autograd.grad`` or
+    the written-out pass: no DDP hook fires, no ``p.grad`` is written), so every rank computes the same projection
+    and the weights stay in sync.
 
     Args:
         buffer_size: Total memory; each task gets ``buffer_size // dataset.n_tasks`` samples.
