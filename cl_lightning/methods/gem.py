@@ -62,8 +62,8 @@ class GEM(CLMethod):
     published numbers. Mammoth solves the dual with ``quadprog`` on a float64 Gram matrix; ours is formed in
     float32 and solved in float64 (on recorded 18-constraint steps of Permuted-MNIST the two updates differ by
     under 1e-5 in norm). The one difference found that moves results is outside GEM: Mammoth's ``MNISTMLP``
-    initialises weights Glorot-uniform with zero biases (``+model.init=xavier`` here, PyTorch's default otherwise);
-    see ``NOTES`` in ``benchmarks/reproduce.py``.
+    initialises weights Glorot-uniform with zero biases (``model.init=xavier``, which the ``der_*`` experiment
+    presets set; PyTorch's default otherwise); see ``NOTES`` in ``benchmarks/reproduce.py``.
 
     The edit is in ``on_before_optimizer_step`` (after AMP unscaling); memory gradients are computed there without
     writing ``p.grad``, which holds the current gradient until the correction ``G^T v`` is added to it. On a

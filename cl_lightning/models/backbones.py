@@ -36,6 +36,23 @@ def net_logits(net: nn.Module, x: Tensor, task_id: Tensor | int | None) -> Tenso
     return net(x)
 
 
+def _check_init(init: str) -> None:
+    if init not in ("default", "xavier"):
+        raise ValueError(f"model.init: choose 'default' or 'xavier', got {init!r}")
+
+
+def init_linears(net: nn.Module, init: str) -> None:
+    """``xavier``: every ``nn.Linear`` of ``net`` gets Glorot-uniform weights and zero biases (Mammoth's MNISTMLP);
+    ``default`` leaves PyTorch's initialisation."""
+    _check_init(init)
+    if init == "xavier":
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
 def _is_positive_int(value: object) -> bool:
     # bool is a subclass of int, but `hidden: [true]` is a config mistake, not a width of 1.
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
@@ -101,8 +118,7 @@ class MLP(nn.Module):
         init: str = "default",
     ) -> None:
         super().__init__()
-        if init not in ("default", "xavier"):
-            raise ValueError(f"model.init: choose 'default' or 'xavier', got {init!r}")
+        _check_init(init)
         c, h, w = _check_input_shape(input_shape)
         n_outputs = _check_n_outputs(n_outputs)
         widths = _check_widths("hidden", hidden, allow_empty=True)
@@ -119,11 +135,7 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.feature_dim: int = in_features
         self.head = nn.Linear(self.feature_dim, n_outputs)
-        if init == "xavier":
-            for m in self.modules():
-                if isinstance(m, nn.Linear):
-                    nn.init.xavier_uniform_(m.weight)
-                    nn.init.zeros_(m.bias)
+        init_linears(self, init)
 
     def features(self, x: Tensor) -> Tensor:
         """Return the last hidden activation, ``[B, feature_dim]``."""

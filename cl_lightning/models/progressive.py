@@ -11,7 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cl_lightning.models.backbones import _check_input_shape, _check_n_outputs, _check_widths, _is_positive_int
+from cl_lightning.models.backbones import (
+    _check_init,
+    _check_input_shape,
+    _check_n_outputs,
+    _check_widths,
+    _is_positive_int,
+    init_linears,
+)
 
 __all__ = ["LateralLayer", "ProgressiveNet", "ProgressiveMLP", "ProgressiveCNN"]
 
@@ -199,6 +206,8 @@ class ProgressiveMLP(ProgressiveNet):
         hidden: Width of each hidden layer, in order.
         dropout: Dropout probability after each hidden ReLU, in ``[0, 1)``.
         task_outputs: Logit indices of each task (passed by the training script), or ``None``.
+        init: ``default`` or ``xavier`` (every linear layer, laterals included: Glorot-uniform weights, zero biases),
+            as :class:`~cl_lightning.models.backbones.MLP`'s.
 
     Example:
         >>> net = ProgressiveMLP((1, 4, 4), n_outputs=4, n_tasks=2, hidden=[8], task_outputs=[[0, 1], [2, 3]])
@@ -214,10 +223,12 @@ class ProgressiveMLP(ProgressiveNet):
         hidden: Sequence[int] = (400, 400),
         dropout: float = 0.0,
         task_outputs: Sequence[Sequence[int]] | None = None,
+        init: str = "default",
     ) -> None:
         super().__init__(n_outputs, n_tasks, task_outputs)
         c, h, w = _check_input_shape(input_shape)
         widths = _check_widths("hidden", hidden, allow_empty=True)
+        _check_init(init)
         if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout: must be a probability in [0, 1), got {dropout!r}")
 
@@ -241,6 +252,7 @@ class ProgressiveMLP(ProgressiveNet):
             layers.append(LateralLayer(head_main, head_laterals))
             columns.append(layers)
         self._finish(columns, widths[-1] if widths else c * h * w)
+        init_linears(self, init)
 
 
 class ProgressiveCNN(ProgressiveNet):

@@ -112,6 +112,8 @@ def test_bad_arguments_and_task_ids_are_named() -> None:
         ProgressiveMLP((1, 4, 4), n_outputs=6, n_tasks=3, task_outputs=[[0, 1], [6]])
     with pytest.raises(ValueError, match="model.dropout"):
         mlp(dropout=1.0)
+    with pytest.raises(ValueError, match="model.init"):
+        mlp(init="kaiming")
     with pytest.raises(ValueError, match="model.hidden"):
         cnn(hidden=0)
     net = mlp()
@@ -126,3 +128,13 @@ def test_tiny_inputs_skip_pooling_and_a_linear_column_has_no_laterals() -> None:
     assert net(torch.zeros(3, 1, 2, 2), 1).shape == (3, 4)
     linear = ProgressiveMLP((1, 4, 4), n_outputs=4, n_tasks=2, hidden=[])
     assert linear.parameters_per_column() == [16 * 4 + 4] * 2 and linear.feature_dim == 16
+
+
+def test_xavier_init_reaches_every_linear_layer_laterals_included() -> None:
+    # as the MLP's option (Mammoth's MNISTMLP): Glorot-uniform weights, zero biases
+    linears = [m for m in mlp(init="xavier").modules() if isinstance(m, nn.Linear)]
+    assert any(m.out_features == 8 and m.in_features == 8 for m in linears), "laterals are among them"
+    for m in linears:
+        bound = (6 / (m.in_features + m.out_features)) ** 0.5
+        assert float(m.weight.abs().max()) <= bound and not m.bias.any()
+    assert any(m.bias.any() for m in mlp().modules() if isinstance(m, nn.Linear)), "default: PyTorch's init"
