@@ -19,7 +19,7 @@ XAVIER = {"der_split_mnist", "der_permuted_mnist"}
 def build(make_cfg, preset: str, *overrides: str) -> tuple[nn.Module, list[int]]:
     cfg = make_cfg(f"experiment={preset}", *overrides, synthetic=False)
     n_tasks = cfg.dataset.n_tasks
-    per_task = 10 // n_tasks if cfg.dataset.scenario != "domain_il" and n_tasks <= 10 else 10
+    per_task = 10 if cfg.dataset.scenario == "domain_il" else 10 // n_tasks
     outputs = [torch.arange(t * per_task, (t + 1) * per_task) % 10 for t in range(n_tasks)]
     dm = SimpleNamespace(input_shape=(1, 28, 28), n_outputs=10, n_tasks=n_tasks, task_outputs=outputs)
     torch.manual_seed(0)

@@ -116,8 +116,9 @@ class GEM(CLMethod):
         self._rate = ProjectionRate(self.name)  # a diagnostic
         # caches, rebuilt when the memory changes (task end, restore) or at fit start (parameters may change)
         self._slots: dict[int, Tensor] = {}  # slots of each stored task
-        # (tasks, their whole memories, what a step needs of them, or None when preprocessing augments)
-        self._whole: tuple[list[int], BufferSample, StepMemory | None] | None = None
+        # (tasks, their whole memories, samples per task, what a step needs of them or None when preprocessing
+        # augments)
+        self._whole: tuple[list[int], BufferSample, list[int], StepMemory | None] | None = None
         self._params: list[Tensor] | None = None  # trainable parameters, in flat-gradient order
         self._grouped: LinearGroupGradients | None = None  # one-pass memory gradients, None: one pass per task
         self._rows: Tensor | None = None  # workspace: G's rows, then g
@@ -159,11 +160,10 @@ class GEM(CLMethod):
                     if grouped is not None:  # the memory is fixed: drop the input features it never uses
                         grouped, grouped_x = grouped.restricted(x)
                     cached = StepMemory(sample, x, sizes, grouped, grouped_x)
-                self._whole = (tasks, sample, cached)
-            _, sample, cached = self._whole
+                self._whole = (tasks, sample, sizes, cached)
+            _, sample, sizes, cached = self._whole
             if cached is not None:
                 return cached
-            sizes = [len(self._slots[t]) for t in tasks]
         else:
             picks = []
             for t in tasks:  # a fresh subsample of each task's memory, in task order
