@@ -9,3 +9,17 @@ class ConfigError(ValueError):
 
 class RunDirectoryError(RuntimeError):
     """The run directory already holds an earlier run's outputs; we never overwrite them."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or weights: the run stops, and its results are marked as diverged.
+
+    Attributes:
+        step: The optimizer step (Lightning's global step) at which it was detected.
+        task: The task being trained.
+        value: What was not finite: ``"nan"`` or ``"inf"`` for the loss, ``"weights"`` for the parameters.
+    """
+
+    def __init__(self, message: str, step: int, task: int, value: str) -> None:
+        super().__init__(message)
+        self.step, self.task, self.value = step, task, value

@@ -3,15 +3,14 @@
 The run is one Lightning ``Trainer`` and one TensorBoard run with continuous steps: for each task, the datamodule
 switches task, ``trainer.fit`` trains on it (``max_epochs`` grows by ``epochs_per_task``; the loops, the logger and
 the global step carry over), then ``trainer.test`` evaluates every task's test set into the next row of the
-accuracy matrix. ``results.json`` and a checkpoint are written after every task.
+accuracy matrix. ``results.json`` and a checkpoint are written after every task. Building the run is in
+:mod:`cl_lightning.build`, resuming in :mod:`cl_lightning.resume`, the run directory's claim in
+:mod:`cl_lightning.run_dir`, what is logged and printed in :mod:`cl_lightning.reporting`.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
-import math
 import os
 import sys
 import time
@@ -22,321 +21,98 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
-from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.build import CONFIG_DIR, build_run, validate_config
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
-from cl_lightning.errors import ConfigError, RunDirectoryError
+from cl_lightning.errors import ConfigError, DivergenceError, RunDirectoryError
 from cl_lightning.loggers import SequenceTensorBoardLogger
-from cl_lightning.methods.base import CLMethod, check_combination
+from cl_lightning.methods.base import CLMethod
 from cl_lightning.models.module import CLModule
-from cl_lightning.results import build_results, format_matrix, format_summary, write_json_atomic
+from cl_lightning.reporting import log_hparams, log_task, print_summary
+from cl_lightning.results import build_results, format_summary, library_versions, write_json_atomic
+from cl_lightning.resume import prepare_resume, restore
+from cl_lightning.run_dir import FAILED_FILE, RESULTS_FILE, RunDirectory, launch_rank
+
+__all__ = ["CONFIG_DIR", "Run", "RunInterrupted", "main", "train"]
 
 log = logging.getLogger("cl_lightning")
 # Lightning 2.6 calls a pytree API that torch 2.14 deprecates; harmless, and printed once per fit otherwise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
-
-RESULTS_FILE = "results.json"
-FAILED_FILE = "failed.json"
-SUMMARY_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc")
-# The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
-# `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+REFUSALS = (ConfigError, RunDirectoryError, DatasetNotFoundError)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check the top-level keys before anything is built; raise a one-line :class:`ConfigError`."""
+class Run(dict):
+    """What :func:`train` returns: the ``results.json`` payload (a dict) and the objects the run was built from.
 
-    def integer(key: str, minimum: int, optional: bool = False) -> None:
-        value = OmegaConf.select(cfg, key)
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            null = " (or null)" if optional else ""
-            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}{null}")
-
-    integer("epochs_per_task", 1)
-    integer("steps_per_task", 1, optional=True)
-    integer("batch_size", 1)
-    integer("seed", 0)
-    integer("threads", 1, optional=True)
-    integer("max_tasks", 1, optional=True)
-    integer("checkpoint_every_n_steps", 1, optional=True)
-    integer("eval_every_n_steps", 1, optional=True)
-    integer("eval_max_samples_per_task", 1, optional=True)
-    lr = OmegaConf.select(cfg, "optimizer.lr")
-    if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
-        raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
-    metric = cfg.get("optimized_metric")
-    if metric is not None and metric not in SUMMARY_METRICS:
-        raise ConfigError(f"optimized_metric={metric!r}: choose one of {', '.join(SUMMARY_METRICS)}")
-    stream = OmegaConf.select(cfg, "dataset.stream")
-    if stream == "online" and (cfg.epochs_per_task != 1 or cfg.steps_per_task is not None):
-        raise ConfigError(
-            f"dataset.stream=online is a single pass: set epochs_per_task=1 and steps_per_task=null "
-            f"(got {cfg.epochs_per_task} and {cfg.steps_per_task})"
-        )
-
-
-def check_fresh_run_dir(run_dir: Path) -> None:
-    """Refuse to start in a directory that already holds a run's results or checkpoints."""
-    taken = [p for p in (run_dir / RESULTS_FILE, run_dir / "checkpoints") if p.exists()]
-    if taken:
-        raise RunDirectoryError(
-            f"{run_dir} already holds an earlier run ({taken[0].name}); its outputs are kept: choose another "
-            "directory with hydra.run.dir=... (or paths.output_dir=...)"
-        )
-
-
-def _launch_rank() -> int:
-    """This process's global rank as the launcher (Lightning, torchrun or SLURM) set it, before DDP starts."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
-def _instantiate(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets our one-line errors through instead of Hydra's multi-line wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause: BaseException | None = err
-        while cause is not None:
-            if isinstance(cause, ConfigError | DatasetNotFoundError):
-                raise cause from err
-            cause = cause.__cause__
-        raise
-
-
-def build_methods(cfg: DictConfig) -> list[CLMethod]:
-    """The run's continual methods: ``method`` plus any combined with it under ``hybrid``.
-
-    ``python -m cl_lightning method=ewc +method@hybrid.er=er`` adds experience replay to EWC (Hydra's syntax for a
-    second option of the same group at another place in the config); ``hybrid.er.buffer_size=500`` sets its values.
+    Attributes:
+        module: The :class:`~cl_lightning.models.module.CLModule` (its ``net`` is the trained network).
+        datamodule: The :class:`~cl_lightning.data.datamodule.TaskSequenceDataModule`.
+        methods: The continual methods, in the order of the config (``method`` first, then ``hybrid``).
+        trainer: The Lightning ``Trainer``.
     """
-    nodes = [("method", cfg.method)] + [(f"hybrid.{k}", v) for k, v in (cfg.get("hybrid") or {}).items()]
-    methods = []
-    for key, node in nodes:
-        method = _instantiate(node)
-        if not isinstance(method, CLMethod):
-            raise ConfigError(f"{key}._target_={node.get('_target_')!r} is not a cl_lightning CLMethod")
-        methods.append(method)
-    check_combination(methods)
-    return methods
+
+    module: CLModule
+    datamodule: TaskSequenceDataModule
+    methods: list[CLMethod]
+    trainer: pl.Trainer
 
 
-def _build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
-    factory = _instantiate(cfg.model)
-    kwargs: dict[str, Any] = {"input_shape": dm.input_shape, "n_outputs": dm.n_outputs}
-    try:
-        parameters = inspect.signature(factory).parameters
-        if "n_tasks" in parameters:
-            kwargs["n_tasks"] = dm.n_tasks  # networks that grow per task (progressive networks) allocate up front
-        if "task_outputs" in parameters:
-            kwargs["task_outputs"] = [t.tolist() for t in dm.task_outputs]  # multi-head networks: each task's logits
-    except (TypeError, ValueError):  # a callable without an inspectable signature
-        pass
-    try:
-        return factory(**kwargs)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; the message says what was saved and how to continue."""
 
 
-def _log_task(trainer: pl.Trainer, results: dict[str, Any], task: int) -> None:
-    logger = trainer.logger
-    if logger is None:
-        return
-    step = trainer.global_step
-    row = results["acc_matrix"][task]
-    metrics = {f"eval/acc/task_{j}": acc for j, acc in enumerate(row)}
-    metrics["eval/avg_acc_seen"] = sum(row[: task + 1]) / (task + 1)
-    for method, values in results.get("diagnostics", {}).items():
-        metrics |= {
-            f"diagnostics/{method}/{key}": float(v)
-            for key, v in values.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    for key in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc"):
-        if results.get(key) is not None:
-            metrics[f"summary/{key}"] = results[key]
-    logger.log_metrics(metrics, step=step)
-    experiment = getattr(logger, "experiment", None)
-    if experiment is not None and hasattr(experiment, "add_figure"):
-        from cl_lightning.plots import accuracy_heatmap
-
-        rows = results["acc_matrix"]
-        matrix = np.full((results["n_tasks"], results["n_tasks"]), np.nan)
-        matrix[: len(rows)] = rows
-        experiment.add_figure("eval/acc_matrix", accuracy_heatmap(matrix, f"after task {task}"), global_step=step)
+def _command_overrides() -> list[str] | None:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-def _log_hparams(trainer: pl.Trainer, cfg: DictConfig, results: dict[str, Any]) -> None:
-    logger = trainer.logger
-    if logger is None:
-        return
-    flat = {
-        k: (v if isinstance(v, int | float | str | bool) else str(v))
-        for k, v in _flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-        if not k.startswith("paths.") and v is not None
-    }
-    metrics = {f"hparam/{k}": results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if results.get(k) is not None}
-    logger.log_hyperparams(flat, metrics=metrics)  # type: ignore[call-arg]
-    logger.save()
+def train(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
+    """Run one experiment (or resume one with ``resume=<run dir>``) and return its results and built objects.
 
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out |= _flatten(value, f"{prefix}{key}.")
-        return out
-    return {prefix[:-1]: tree}
-
-
-def prepare_resume(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any], Path]:
-    """Resolve ``resume=<run dir>``: the run's own resolved config and its newest readable checkpoint.
-
-    The checkpoints are ``checkpoints/last.ckpt`` (after every task) and ``checkpoints/mid_task.ckpt`` (every
-    ``checkpoint_every_n_steps`` steps); the newer (by global step) that loads wins, so a run killed in the middle
-    of a task continues from the middle of that task. The run continues in its original directory with the
-    configuration it started with (stored in the checkpoint); only ``threads``, ``max_tasks`` and the extra
-    ``callbacks`` come from the resuming command. A directory without a loadable checkpoint or with a finished run
-    is refused and left as it was.
+    Args:
+        cfg: The composed config (``conf/train.yaml`` with overrides).
+        overrides: The command line's overrides, checked against a resumed run's configuration (default: Hydra's,
+            when Hydra runs; none otherwise).
     """
-    run_dir = Path(str(cfg.resume)).expanduser()
-    results_file = run_dir / RESULTS_FILE
-    if results_file.is_file():
-        try:
-            if json.loads(results_file.read_text()).get("complete"):
-                raise RunDirectoryError(f"resume={run_dir}: that run is already complete; nothing to resume")
-        except json.JSONDecodeError as err:
-            raise RunDirectoryError(f"resume={run_dir}: results.json is not valid JSON ({err})") from err
-    paths = [run_dir / "checkpoints" / name for name in ("last.ckpt", "mid_task.ckpt")]
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise RunDirectoryError(
-            f"resume={run_dir}: no checkpoints/last.ckpt or checkpoints/mid_task.ckpt there; start a new run instead"
-        )
-    loaded, problems = [], []
-    for path in paths:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            loaded.append((int(state["global_step"]), path, state, state["cl_lightning"]["config"]))
-        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is skipped for an older one
-            problems.append(f"{path.name}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
-    if not loaded:
-        raise RunDirectoryError(
-            f"resume={run_dir}: cannot load any checkpoint ({'; '.join(problems)}); they are corrupted or from an "
-            "incompatible version; the run directory is left as it was"
-        )
-    _, path, state, config = max(loaded, key=lambda item: item[0])
-    resumed = OmegaConf.create(config)
-    with open_dict(resumed):
-        resumed.paths.output_dir = str(run_dir)
-        resumed.resume = str(run_dir)
-        # settings of the invocation, not of the experiment
-        resumed.threads = cfg.get("threads")
-        resumed.max_tasks = cfg.get("max_tasks")
-        resumed.callbacks = cfg.get("callbacks") or {}
-    return resumed, state, path
-
-
-def restore(state: dict[str, Any], trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule) -> int:
-    """Load a checkpoint into a freshly built run; return the first task still to train (or to finish).
-
-    The module (weights, accuracy matrices, task counters), the datamodule, every continual method's state, the
-    fit loop's progress (so epochs, the global step and, mid-task, the position in the epoch continue) and the RNG
-    state are restored. The optimizer is restored for a mid-task checkpoint, and at a task boundary only when it is
-    kept across tasks (``module.reset_optimizer=false``).
-    """
-    try:
-        module.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        raise RunDirectoryError(
-            f"resume: the checkpoint does not fit this run ({str(err).splitlines()[0][:200]}); it is from an "
-            "incompatible version; the run directory is left as it was"
-        ) from err
-    dm.load_state_dict(state.get(type(dm).__qualname__, {}))
-    saved = state.get("callbacks", {})
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, CLMethod) and callback.state_key in saved:
-            callback.load_state_dict(saved[callback.state_key])
-    trainer.fit_loop.load_state_dict(state["loops"]["fit_loop"])
-    mid_task = int(module.task_finished) < int(module.current_task)
-    if (mid_task or not module.reset_optimizer) and state.get("optimizer_states"):
-        module.pending_optimizer_state = state["optimizer_states"][0]
-    if "rng_states" in state:
-        torch.set_rng_state(state["rng_states"]["torch"])
-    return int(module.task_finished) + 1
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment (or resume one with ``resume=<run dir>``) and return its ``results.json`` payload."""
+    run_dir = RunDirectory(cfg.get("resume") or cfg.paths.output_dir)
+    rank0 = launch_rank() == 0  # only the first process claims the directory: under DDP the others share it
     resume_state: dict[str, Any] | None = None
-    if cfg.get("resume"):
-        cfg, resume_state, ckpt_path = prepare_resume(cfg)
-        log.info("resuming from %s", ckpt_path)
+    trained = False
+    try:
+        if cfg.get("resume"):
+            overrides = overrides if overrides is not None else _command_overrides()
+            cfg, resume_state, ckpt_path = prepare_resume(cfg, overrides)
+        if rank0:
+            run_dir.claim(new_run=resume_state is None)
+            if resume_state is None:
+                run_dir.write_hydra_files(cfg)  # the sweep summary reads a failed job's overrides there too
+        validate_config(cfg)
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        run = Run()
+        run.module, run.datamodule, run.methods, run.trainer, epochs = build_run(cfg, run_dir.path)
+        if resume_state is not None:
+            log.info("resuming from %s", ckpt_path)
+        trained = _run_tasks(cfg, run, epochs, resume_state)
+        return run
+    except REFUSALS:
+        if rank0 and not trained and resume_state is None:
+            run_dir.discard()  # a refused command leaves nothing behind
+        raise
+    finally:
+        run_dir.release()
+
+
+def _run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, Any] | None) -> bool:
+    """The task loop: fit, evaluate, write results and checkpoints after every task; fills ``run`` in place."""
+    module, dm, methods, trainer = run.module, run.datamodule, run.methods, run.trainer
     run_dir = Path(cfg.paths.output_dir)
-    if resume_state is None and _launch_rank() == 0:
-        # only the first process checks: under DDP the others share its directory
-        check_fresh_run_dir(run_dir)
-    validate_config(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    methods = build_methods(cfg)
     name = "+".join(m.name for m in methods)
-    dm: TaskSequenceDataModule = _instantiate(cfg.dataset, cumulative=any(m.cumulative_data for m in methods))
-    dm.setup("fit")
-    net = _build_model(cfg, dm)
-    module = CLModule(
-        net,
-        optimizer=instantiate(cfg.optimizer),
-        scenario=dm.scenario,
-        task_outputs=dm.task_outputs,
-        n_outputs=dm.n_outputs,
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        hide_task_boundaries=dm.stream == "online",
-        preprocess=dm.preprocess,
-        augments=dm.augment != "none",
-        **cfg.module,
-    )
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
-    epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs_per_task for m in methods)
-    callbacks: list[pl.Callback] = [*methods]
-    # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
-    progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
-    if progress:
-        callbacks.append(TaskProgressBar(dm.n_tasks, epochs))
-    every = cfg.get("checkpoint_every_n_steps")
-    if every:
-        # mid-task checkpoints (Lightning's own, with the loop and dataloader position) for exact resume
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", filename="mid_task", every_n_train_steps=int(every),
-                save_top_k=1, save_last=False, enable_version_counter=False,
-            )
-        )  # fmt: skip
-    if cfg.get("eval_every_n_steps"):
-        callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
-    callbacks += [_instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,
-        enable_checkpointing=bool(every),
-    )  # fmt: skip
-
     # One fit per task: Lightning's per-fit notices ("`Trainer.fit` stopped", tips) would repeat T times.
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -345,11 +121,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_s = eval_s = 0.0
     module.run_info = {"config": config, "train_seconds": 0.0, "eval_seconds": 0.0}
 
+    def results_after(n_done: int) -> dict[str, Any]:
+        results = build_results(
+            method=name, dataset=dm.name, scenario=dm.scenario, seed=cfg.seed, n_tasks=dm.n_tasks, n_done=n_done,
+            acc_matrix=module.acc_matrix.compute().cpu(), baseline=module.init_matrix.compute()[0].cpu(),
+            task_il_matrix=module.task_il_matrix.compute().cpu() if dm.scenario == "class_il" else None,
+            train_seconds=train_s, eval_seconds=eval_s, config=config,
+            task_descriptions=[t.description for t in dm.tasks],
+        )  # fmt: skip
+        results["world_size"] = trainer.world_size
+        diagnostics = {m.name: d for m in methods if (d := m.diagnostics(module))}
+        if diagnostics:
+            results["diagnostics"] = diagnostics
+        return results
+
     def evaluate(row: int) -> None:
         nonlocal eval_s
         module.eval_row = row
         start = time.perf_counter()
-        trainer.test(module, datamodule=dm, verbose=False)  # fills row `row` of the module's matrices
+        _interruptible(trainer.test, trainer, module, datamodule=dm, verbose=False)  # fills row `row`
         eval_s += time.perf_counter() - start
 
     first = 0
@@ -362,61 +152,68 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         evaluate(-1)  # the randomly initialised model: forward transfer's baseline
     last = dm.n_tasks if cfg.get("max_tasks") is None else min(dm.n_tasks, first + int(cfg.max_tasks))
     results: dict[str, Any] = {}
-    for task in range(first, last):
-        dm.set_task(task)
-        module.current_task.fill_(task)
-        trainer.fit_loop.max_epochs = (task + 1) * epochs
-        start = time.perf_counter()
-        module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}  # as of this task's start
-        trainer.fit(module, datamodule=dm)
-        train_s += time.perf_counter() - start
-        if trainer.interrupted:
-            raise KeyboardInterrupt
-        evaluate(task)
-        results = build_results(
-            method=name,
-            dataset=dm.name,
-            scenario=dm.scenario,
-            seed=cfg.seed,
-            n_tasks=dm.n_tasks,
-            n_done=task + 1,
-            acc_matrix=module.acc_matrix.compute().cpu(),
-            baseline=module.init_matrix.compute()[0].cpu(),
-            task_il_matrix=module.task_il_matrix.compute().cpu() if dm.scenario == "class_il" else None,
-            train_seconds=train_s,
-            eval_seconds=eval_s,
-            config=config,
-            task_descriptions=[t.description for t in dm.tasks],
-        )
-        results["world_size"] = trainer.world_size
-        diagnostics = {m.name: d for m in methods if (d := m.diagnostics(module))}
-        if diagnostics:
-            results["diagnostics"] = diagnostics
-        if cfg.get("save_checkpoints", True):
-            module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
-            # every rank calls it (Lightning writes on rank 0 and synchronises the others)
-            _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
-            (run_dir / "checkpoints" / "mid_task.ckpt").unlink(missing_ok=True)  # older than last.ckpt now
+    task = first
+    try:
+        for task in range(first, last):
+            dm.set_task(task)
+            module.current_task.fill_(task)
+            trainer.fit_loop.max_epochs = (task + 1) * epochs
+            start = time.perf_counter()
+            module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}  # as of this task's start
+            _interruptible(trainer.fit, trainer, module, datamodule=dm)
+            train_s += time.perf_counter() - start
+            evaluate(task)
+            results = results_after(task + 1)
+            if cfg.get("save_checkpoints", True):
+                module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
+                # every rank calls it (Lightning writes on rank 0 and synchronises the others)
+                _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
+                (run_dir / "checkpoints" / "mid_task.ckpt").unlink(missing_ok=True)  # older than last.ckpt now
+            if trainer.is_global_zero:
+                write_json_atomic(run_dir / RESULTS_FILE, results)
+                log_task(trainer, results, task)
+                log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
+        if trainer.is_global_zero and results and results["complete"]:
+            log_hparams(trainer, cfg, results)
+    except DivergenceError as err:
         if trainer.is_global_zero:
-            write_json_atomic(run_dir / RESULTS_FILE, results)
-            _log_task(trainer, results, task)
-            log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
-    if trainer.is_global_zero and results and results["complete"]:
-        _log_hparams(trainer, cfg, results)
-    if isinstance(trainer.logger, SequenceTensorBoardLogger):
-        trainer.logger.close()
+            # the tasks finished before it stay as measured; the run is marked diverged and incomplete
+            payload = results_after(task) if task > 0 else {
+                "method": name, "dataset": dm.name, "scenario": dm.scenario, "seed": cfg.seed, "n_tasks": dm.n_tasks,
+                "tasks_completed": 0, "acc_matrix": [], "init_acc": module.init_matrix.compute()[0].tolist(),
+                "train_seconds": train_s, "eval_seconds": eval_s, "config": config, "versions": library_versions(),
+            }  # fmt: skip
+            payload["complete"] = False
+            payload["diverged"] = {"step": err.step, "task": err.task, "value": err.value, "message": str(err)}
+            write_json_atomic(run_dir / RESULTS_FILE, payload)
+        raise
+    except KeyboardInterrupt:
+        saved = any((run_dir / "checkpoints" / f).is_file() for f in ("last.ckpt", "mid_task.ckpt"))
+        raise RunInterrupted(
+            f"stopped during task {task + 1}/{dm.n_tasks}; "
+            + (f"continue with: python -m cl_lightning resume={run_dir}" if saved
+               else "no task had finished, nothing to resume: start the run again")
+        ) from None  # fmt: skip
+    finally:
+        if isinstance(trainer.logger, SequenceTensorBoardLogger):
+            trainer.logger.close()
+    run.update(results)
     if trainer.is_global_zero and results:
-        n_rows = results["tasks_completed"]
-        matrix = torch.tensor(results["acc_matrix"])
-        print(format_matrix(matrix, n_rows))
-        if "task_il_acc_matrix" in results:
-            til = torch.tensor(results["task_il_acc_matrix"])
-            print(format_matrix(til, n_rows, "task-IL accuracy matrix (logits masked to the task's classes)"))
-        print(f"{name} on {dm.name} ({dm.scenario}, seed {cfg.seed}): {format_summary(results)}")
-        print(f"train {train_s:.1f}s, eval {eval_s:.1f}s; results in {run_dir / RESULTS_FILE}")
-        if not results["complete"]:
-            print(f"stopped after task {n_rows}/{dm.n_tasks}; continue with resume={run_dir}")
-    return results
+        print_summary(results, name, run_dir / RESULTS_FILE)
+    return bool(results)
+
+
+def _interruptible(call: Any, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+    """``trainer.fit``/``test``; Ctrl-C raises ``KeyboardInterrupt`` (Lightning itself exits with status 1)."""
+    try:
+        out = call(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return out
 
 
 def _save_checkpoint(trainer: pl.Trainer, path: Path) -> None:
@@ -439,11 +236,19 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
         return float(results[metric]) if metric else None
-    except (ConfigError, RunDirectoryError, DatasetNotFoundError) as err:
+    except REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
         _record_failure(cfg, err)
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if not multirun:
+            sys.exit(3)
+        # results.json says "diverged"; the sweep summary lists the job apart and the sweep exits non-zero
+    except KeyboardInterrupt as err:  # RunInterrupted says what was saved; before training nothing was
+        print(f"interrupted: {err or 'stopped before training started; nothing was saved'}", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         if not multirun:
             raise

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str, out: Path, timeout: int = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "CL_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.run(
-        [sys.executable, "-m", "cl_lightning", *args, "threads=1"],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=out,
-    )  # fmt: skip
+from helpers.cli import run_cli
 
 
 def test_default_run_on_embedded_data(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from cl_lightning.data.batch import Batch
-from cl_lightning.errors import ConfigError
+from cl_lightning.errors import ConfigError, DivergenceError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.metrics import AccuracyMatrix
 from cl_lightning.models.backbones import net_logits
@@ -100,6 +100,10 @@ class CLModule(pl.LightningModule):
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
+        # set by a mid-task resume: the LR scheduler's position, loaded into the scheduler when it is built
+        self.pending_scheduler_state: dict[str, Any] | None = None
+        # off the host (accelerators): non-finite losses seen since the last check, read every log_every_n_steps
+        self._finite: Tensor | None = None
         # the run's resolved config and timings, stored in every checkpoint so a resume needs nothing else
         self.run_info: dict[str, Any] = {}
 
@@ -175,6 +179,8 @@ class CLModule(pl.LightningModule):
     @override
     def on_train_end(self) -> None:
         self._unseen = None
+        self._read_finite_flag()
+        self.check_weights()
         t = int(self.current_task)
         if int(self.task_finished) < t:
             if not self.hide_task_boundaries:
@@ -196,6 +202,7 @@ class CLModule(pl.LightningModule):
             loss = sum(terms.values())  # type: ignore[assignment]
         else:
             loss = task_loss + sum(terms.values()) if terms else task_loss
+        self.check_finite(loss)
         if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
             # Straight to the logger, every n steps: `self.log` on every step costs as much as a small model's
             # forward pass (measured in benchmarks/overhead.py).
@@ -205,6 +212,47 @@ class CLModule(pl.LightningModule):
                 step=self.global_step,
             )
         return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop the run (:class:`DivergenceError`) on a non-finite loss, before its backward pass touches the weights.
+
+        On the CPU the check costs nothing and runs every step. On an accelerator a per-step check would make the
+        host wait for the device every step, so the steps' results are folded into a flag on the device and read
+        every ``log_every_n_steps`` steps (and at the task's end, :meth:`on_train_end`): the run stops at most that
+        many steps late, and the weights may then already be non-finite; the checkpoints of finished tasks are
+        kept either way.
+        """
+        if loss.device.type == "cpu":
+            if not bool(torch.isfinite(loss)):
+                self._diverged("nan" if bool(torch.isnan(loss)) else "inf", "the loss")
+            return
+        finite = torch.isfinite(loss.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        if self.global_step % self.log_every_n_steps == 0:
+            self._read_finite_flag()
+
+    def _read_finite_flag(self) -> None:
+        if self._finite is not None and not bool(self._finite):
+            self._finite = None
+            self._diverged("nan or inf", f"the loss (within the last {self.log_every_n_steps} steps)")
+        self._finite = None
+
+    def check_weights(self) -> None:
+        """Stop the run (:class:`DivergenceError`) when a parameter of the network is not finite."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            self._diverged("weights", "a weight of the network")
+
+    def _diverged(self, value: str, what: str) -> None:
+        step, task = int(self.global_step), int(self.current_task)
+        lr = [group.get("lr") for group in self._optimizer.param_groups] if self._optimizer is not None else []
+        hint = f"lower optimizer.lr (now {lr[0]:g})" if lr and isinstance(lr[0], int | float) else "lower optimizer.lr"
+        names = " or ".join(f"method={m.name}'s strength" for m in self._methods if m.name not in ("naive", "joint"))
+        raise DivergenceError(
+            f"training diverged: {what} is {value} at step {step} (task {task}); {hint}"
+            + (f" or {names}" if names else "")
+            + ", or use optimizer=adam",
+            step=step, task=task, value=value,
+        )  # fmt: skip
 
     @override
     def configure_optimizers(self) -> Any:
@@ -219,7 +267,11 @@ class CLModule(pl.LightningModule):
                 self.pending_optimizer_state = None
         if self.scheduler_factory is None:
             return self._optimizer
-        return {"optimizer": self._optimizer, "lr_scheduler": self.scheduler_factory(self._optimizer)}
+        scheduler = self.scheduler_factory(self._optimizer)
+        if self.pending_scheduler_state is not None:
+            scheduler.load_state_dict(self.pending_scheduler_state)
+            self.pending_scheduler_state = None
+        return {"optimizer": self._optimizer, "lr_scheduler": scheduler}
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

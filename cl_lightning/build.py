@@ -1,0 +1,232 @@
+"""Building a run from its config: checks first, then the datamodule, the network, the methods and the trainer.
+
+Every check raises a one-line :class:`~cl_lightning.errors.ConfigError` naming the key, the value and the fix,
+before anything is trained; a key the config does not know (``+epoch_per_task=3``) is refused with the nearest
+valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
+from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.data.datamodule import TaskSequenceDataModule
+from cl_lightning.data.sources import DatasetNotFoundError
+from cl_lightning.errors import ConfigError
+from cl_lightning.methods.base import CLMethod, check_combination
+from cl_lightning.models.module import CLModule
+
+log = logging.getLogger("cl_lightning")
+
+SUMMARY_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc")
+# The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
+# `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# module.* keys the run passes itself (the rest of CLModule's arguments are the config's)
+_MODULE_ARGS_FROM_RUN = {"net", "optimizer", "scenario", "task_outputs", "n_outputs", "scheduler",
+                         "hide_task_boundaries", "preprocess", "augments"}  # fmt: skip
+
+
+def _nearest(key: str, valid: set[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def known_top_level_keys() -> set[str]:
+    """The top-level keys a run's config may have: those of ``conf/train.yaml``, the config groups, ``hybrid``."""
+    base = OmegaConf.load(Path(CONFIG_DIR) / "train.yaml")
+    groups = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}
+    return {str(k) for k in base if k != "defaults"} | groups | {"hybrid", "hydra"}
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the config does not know (``+epoch_per_task=3``), naming the nearest valid key."""
+    known = known_top_level_keys()
+    for key in cfg:
+        if str(key) not in known:
+            raise ConfigError(f"{key}: unknown key, it would be ignored{_nearest(str(key), known)}")
+    module_keys = set(inspect.signature(CLModule.__init__).parameters) - {"self"} - _MODULE_ARGS_FROM_RUN
+    for key in cfg.get("module") or {}:
+        if str(key) not in module_keys:
+            raise ConfigError(f"module.{key}: unknown key{_nearest(str(key), module_keys, 'module.')}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the top-level keys before anything is built; raise a one-line :class:`ConfigError`."""
+    check_known_keys(cfg)
+
+    def integer(key: str, minimum: int, optional: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            null = " (or null)" if optional else ""
+            raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}{null}")
+
+    integer("epochs_per_task", 1)
+    integer("steps_per_task", 1, optional=True)
+    integer("batch_size", 1)
+    integer("seed", 0)
+    integer("threads", 1, optional=True)
+    integer("max_tasks", 1, optional=True)
+    integer("checkpoint_every_n_steps", 1, optional=True)
+    integer("eval_every_n_steps", 1, optional=True)
+    integer("eval_max_samples_per_task", 1, optional=True)
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None and (not isinstance(lr, int | float) or isinstance(lr, bool) or not lr > 0 or math.isinf(lr)):
+        raise ConfigError(f"optimizer.lr={lr!r}: must be a number > 0 (e.g. optimizer.lr=0.01)")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in SUMMARY_METRICS:
+        raise ConfigError(f"optimized_metric={metric!r}: choose one of {', '.join(SUMMARY_METRICS)}")
+    stream = OmegaConf.select(cfg, "dataset.stream")
+    if stream == "online" and (cfg.epochs_per_task != 1 or cfg.steps_per_task is not None):
+        raise ConfigError(
+            f"dataset.stream=online is a single pass: set epochs_per_task=1 and steps_per_task=null "
+            f"(got {cfg.epochs_per_task} and {cfg.steps_per_task})"
+        )
+    warn_if_oversubscribed(cfg)
+
+
+def warn_if_oversubscribed(cfg: DictConfig) -> None:
+    """Warn when more CPU processes are asked for than there are cores (each would get a fraction of one)."""
+    devices = OmegaConf.select(cfg, "trainer.devices")
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if on_cpu and isinstance(devices, int) and not isinstance(devices, bool) and devices > cores:
+        log.warning(
+            "trainer.devices=%d CPU processes on %d cores: each gets %.2g of a core and the run is slower than "
+            "with trainer.devices=%d", devices, cores, cores / devices, cores,
+        )  # fmt: skip
+
+
+def _unknown_argument(node: Any, key: str, err: BaseException) -> ConfigError | None:
+    """A one-line error for ``TypeError: ... unexpected keyword argument 'x'`` of ``node``'s target, else None."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if found is None or target is None:
+        return None
+    try:
+        valid = set(inspect.signature(get_method(str(target))).parameters) - {"self", "args", "kwargs"}
+    except Exception:  # noqa: BLE001 - no signature to suggest from
+        valid = set()
+    bad = found.group(1)
+    hint = _nearest(bad, valid, f"{key}.") if valid else ""
+    return ConfigError(f"{key}.{bad}: unknown key of {target}{hint}")
+
+
+def instantiate_node(node: Any, key: str = "", **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets our one-line errors through instead of Hydra's multi-line wrapper."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, ConfigError | DatasetNotFoundError):
+                raise cause from err
+            if isinstance(cause, TypeError) and (unknown := _unknown_argument(node, key, cause)) is not None:
+                raise unknown from err
+            cause = cause.__cause__
+        if (unknown := _unknown_argument(node, key, err)) is not None:
+            raise unknown from err
+        raise
+
+
+def build_methods(cfg: DictConfig) -> list[CLMethod]:
+    """The run's continual methods: ``method`` plus any combined with it under ``hybrid``.
+
+    ``python -m cl_lightning method=ewc +method@hybrid.er=er`` adds experience replay to EWC (Hydra's syntax for a
+    second option of the same group at another place in the config); ``hybrid.er.buffer_size=500`` sets its values.
+    """
+    nodes = [("method", cfg.method)] + [(f"hybrid.{k}", v) for k, v in (cfg.get("hybrid") or {}).items()]
+    methods = []
+    for key, node in nodes:
+        method = instantiate_node(node, key)
+        if not isinstance(method, CLMethod):
+            raise ConfigError(f"{key}._target_={node.get('_target_')!r} is not a cl_lightning CLMethod")
+        methods.append(method)
+    check_combination(methods)
+    return methods
+
+
+def build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
+    """The network for ``dm``'s inputs and outputs from the ``model`` group (a factory)."""
+    factory = instantiate_node(cfg.model, "model")
+    kwargs: dict[str, Any] = {"input_shape": dm.input_shape, "n_outputs": dm.n_outputs}
+    try:
+        parameters = inspect.signature(factory).parameters
+        if "n_tasks" in parameters:
+            kwargs["n_tasks"] = dm.n_tasks  # networks that grow per task (progressive networks) allocate up front
+        if "task_outputs" in parameters:
+            kwargs["task_outputs"] = [t.tolist() for t in dm.task_outputs]  # multi-head networks: each task's logits
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        pass
+    try:
+        return factory(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def build_run(
+    cfg: DictConfig, run_dir: Path
+) -> tuple[CLModule, TaskSequenceDataModule, list[CLMethod], pl.Trainer, int]:
+    """The module, the datamodule, the methods and the trainer of ``cfg``; and the epochs of each task."""
+    methods = build_methods(cfg)
+    dm: TaskSequenceDataModule = instantiate_node(
+        cfg.dataset, "dataset", cumulative=any(m.cumulative_data for m in methods)
+    )
+    dm.setup("fit")
+    net = build_model(cfg, dm)
+    module = CLModule(
+        net,
+        optimizer=instantiate_node(cfg.optimizer, "optimizer"),
+        scenario=dm.scenario,
+        task_outputs=dm.task_outputs,
+        n_outputs=dm.n_outputs,
+        scheduler=instantiate_node(cfg.scheduler, "scheduler") if cfg.get("scheduler") else None,
+        hide_task_boundaries=dm.stream == "online",
+        preprocess=dm.preprocess,
+        augments=dm.augment != "none",
+        **cfg.module,
+    )
+    logger = instantiate_node(cfg.logger, "logger") if cfg.get("logger") else False
+    # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
+    epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs_per_task for m in methods)
+    callbacks: list[pl.Callback] = [*methods]
+    # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
+    progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
+    if progress:
+        callbacks.append(TaskProgressBar(dm.n_tasks, epochs))
+    every = cfg.get("checkpoint_every_n_steps")
+    if every:
+        # mid-task checkpoints (Lightning's own, with the loop and dataloader position) for exact resume
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="mid_task", every_n_train_steps=int(every),
+                save_top_k=1, save_last=False, enable_version_counter=False,
+            )
+        )  # fmt: skip
+    if cfg.get("eval_every_n_steps"):
+        callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
+    callbacks += [instantiate_node(node, f"callbacks.{k}") for k, node in (cfg.get("callbacks") or {}).items()]
+    trainer: pl.Trainer = instantiate_node(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,
+        enable_checkpointing=bool(every),
+    )  # fmt: skip
+    return module, dm, methods, trainer, epochs
