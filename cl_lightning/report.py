@@ -3,9 +3,13 @@
 The directory is a run directory (it holds ``results.json``), a sweep directory (``<job>/results.json``) or any tree
 of them (``outputs/``). The report (``report.md``) has the comparison of methods (mean ± sample std over seeds per
 method x dataset x scenario x swept setting, computed by the sweep summary's own ``summarize_runs``), the failed,
-incomplete and unreadable runs, and for every run its metrics, its accuracy matrix as a table and its figures: the
-matrix as a heatmap and the accuracy on each task after each training task. Figures are PNG files drawn on
+diverged, incomplete and unreadable runs, and for every run its metrics, its accuracy matrix as a table and its
+figures: the matrix as a heatmap and the accuracy on each task after each training task. Figures are PNG files drawn on
 matplotlib's Agg canvas (:mod:`cl_lightning.plots`).
+
+Only complete runs are pooled (:func:`cl_lightning.results.run_status`): a diverged run (stopped on a non-finite loss;
+its few rows often show the least forgetting of all) and a run stopped early are listed apart and enter no mean, std
+or bar; each still gets its own section and figures.
 
 A report never overwrites files: the output directory (default ``<dir>/report``) must not exist or be empty.
 """
@@ -26,8 +30,9 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from cl_lightning import __version__
-from cl_lightning.callbacks.sweep_summary import METRICS, failed_jobs, summarize_runs
+from cl_lightning.callbacks.sweep_summary import METRICS, failed_jobs, left_out_counts, summarize_runs
 from cl_lightning.plots import accuracy_curves, accuracy_heatmap, comparison_bars
+from cl_lightning.results import RunStatus, run_status
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -66,9 +71,14 @@ class Run:
         return int(self.results.get("tasks_completed", len(self.results["acc_matrix"])))
 
     @property
+    def status(self) -> RunStatus:
+        """Complete, incomplete or diverged, judged as the sweep summary judges it."""
+        return run_status(self.results)
+
+    @property
     def complete(self) -> bool:
-        """Whether every task was trained (files without the key count as complete, as in the sweep summary)."""
-        return bool(self.results.get("complete", True)) and self.done > 0
+        """Whether every task was trained with finite results: the only runs pooled into means."""
+        return self.status.complete
 
     @property
     def label(self) -> str:
@@ -108,7 +118,7 @@ def find_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
         if missing:
             unreadable.append((path, f"missing keys {missing}"))
             continue
-        if not results["acc_matrix"]:
+        if not results["acc_matrix"] and run_status(results).kind != "diverged":
             unreadable.append((path, "empty acc_matrix (no task finished)"))
             continue
         runs.append(Run(path.parent, _slug(root, path.parent), results))
@@ -119,8 +129,9 @@ def _single_run_row(run: Run) -> dict[str, Any]:
     """The comparison row of a lone run (the report's root is one run directory): itself, std 0."""
     res = run.results
     row: dict[str, Any] = {"method": res["method"], "dataset": res["dataset"], "scenario": res["scenario"]}
+    kind = run.status.kind
     row |= {"setting": "", "runs": int(run.complete), "seeds": str(res["seed"]) if run.complete else ""}
-    row["incomplete"] = int(not run.complete)
+    row |= {"incomplete": int(kind == "incomplete"), "diverged": int(kind == "diverged")}
     for metric in METRICS if run.complete else ():
         if res.get(metric) is not None:
             row[f"{metric}_mean"], row[f"{metric}_std"] = float(res[metric]), 0.0
@@ -149,7 +160,8 @@ def compare(root: Path, runs: list[Run]) -> Comparison:
 
     Every directory that holds runs (a sweep directory, or ``outputs/<date>`` for single runs) is summarised by
     :func:`~cl_lightning.callbacks.sweep_summary.summarize_runs` (mean ± sample std over seeds per method x dataset x
-    scenario x swept setting, incomplete runs counted apart) and its failed jobs listed by
+    scenario x swept setting, complete runs only; incomplete and diverged runs counted apart) and its failed jobs
+    listed by
     :func:`~cl_lightning.callbacks.sweep_summary.failed_jobs`, so the report and ``summary.md`` agree. Runs of
     different sweeps are never pooled. When ``root`` is a single run, its group is that run.
     """
@@ -192,7 +204,9 @@ def plot_run(run: Run, out: Path) -> None:
     res = run.results
     title = f"{res['method']}, {res['dataset']}\n{res['scenario']}, seed {res['seed']}"
     if not run.complete:
-        title += f"\nstopped after {run.done}/{run.n_tasks} tasks"
+        title += f"\n{run.status.reason}"
+    if not res["acc_matrix"]:  # diverged in its first task: nothing to draw
+        return
     figures = {
         "acc_matrix": lambda: accuracy_heatmap(_padded(res["acc_matrix"], run.n_tasks), title),
         "acc_curves": lambda: accuracy_curves(np.asarray(res["acc_matrix"], dtype=float), title),
@@ -232,7 +246,7 @@ def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---" * (len(keys) + 2 + len(metrics)) + "|",
     ]
     for row in rows:
-        runs = f"{row['runs']}" + (f" (+{row['incomplete']} incomplete)" if row["incomplete"] else "")
+        runs = f"{row['runs']}{left_out_counts(row)}"
         cells = [str(row.get(k) or "-") for k in keys] + [runs, row["seeds"] or "-"]
         for metric in metrics:
             if f"{metric}_mean" not in row:
@@ -267,7 +281,13 @@ def _overrides(run_dir: Path) -> list[str]:
 
 def _run_section(run: Run) -> list[str]:
     res = run.results
-    status = "complete" if run.complete else f"**incomplete**: {run.done}/{run.n_tasks} tasks trained"
+    kind = run.status.kind
+    if kind == "complete":
+        status = "complete"
+    elif kind == "incomplete":
+        status = f"**incomplete**: {run.done}/{run.n_tasks} tasks trained"
+    else:
+        status = run.status.describe().replace("diverged", "**diverged**", 1) + "; left out of the comparison"
     metrics = ", ".join(
         f"{k} {_pct(res.get(k))}%" for k in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc") if k in res
     )
@@ -276,12 +296,14 @@ def _run_section(run: Run) -> list[str]:
     if overrides:
         lines += ["Overrides: " + " ".join(f"`{o}`" for o in overrides), ""]
     if metrics:
-        scope = "" if run.complete else f" (over the {run.done} tasks trained so far)"
+        scope = "" if run.complete else f" (over the {len(res['acc_matrix'])} tasks trained, not comparable)"
         lines += [f"Metrics in percent{scope}: {metrics}.", ""]
     if res.get("train_seconds") is not None:
         lines += [f"Train {float(res['train_seconds']):.1f} s, eval {float(res.get('eval_seconds', 0)):.1f} s.", ""]
     if res.get("tasks"):
         lines += ["Tasks: " + "; ".join(f"T{j}: {d}" for j, d in enumerate(res["tasks"])) + ".", ""]
+    if not res["acc_matrix"]:
+        return lines + ["No task was finished: no accuracy matrix.", ""]
     lines += ["Accuracy matrix (%, row: after training task i, column: task j):", ""]
     lines += _matrix_table(res["acc_matrix"], run.n_tasks) + [""]
     lines += [f"![accuracy matrix]({run.plots['acc_matrix']}) ![accuracy on each task]({run.plots['acc_curves']})"]
@@ -326,14 +348,16 @@ def write_report(path: Path, out: Path | None = None) -> Path:
     comparison = compare(path, runs)
     rows = comparison.rows
     complete = [r for r in rows if r["runs"]]
-    incomplete = [run for run in runs if not run.complete]
+    incomplete = [run for run in runs if run.status.kind == "incomplete"]
+    diverged = [run for run in runs if run.status.kind == "diverged"]
+    n_complete = len(runs) - len(incomplete) - len(diverged)
 
     lines = [
         f"# Report: {path}",
         "",
-        f"{len(runs)} run(s) found below `{path}`: {len(runs) - len(incomplete)} complete, {len(incomplete)} "
-        f"incomplete, {len(comparison.failed)} failed. Written {datetime.now().isoformat(timespec='seconds')} by "
-        f"cl_lightning {__version__}.",
+        f"{len(runs)} run(s) found below `{path}`: {n_complete} complete, {len(incomplete)} incomplete, "
+        f"{len(diverged)} diverged, {len(comparison.failed)} failed. "
+        f"Written {datetime.now().isoformat(timespec='seconds')} by cl_lightning {__version__}.",
         "",
         "Accuracies are in percent. Definitions of the metrics: docs/metrics.md; how to read this report: "
         "docs/reading-results.md.",
@@ -341,7 +365,8 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         "## Comparison",
         "",
         "Mean ± sample std over seeds of the complete runs, per method x dataset x scenario (and swept setting), "
-        "grouped as the sweep summary (`summary.md`) groups them; runs of different directories are not pooled.",
+        "grouped as the sweep summary (`summary.md`) groups them; runs of different directories are not pooled. "
+        "Incomplete and diverged runs are counted in brackets and enter no mean, std or bar.",
         "",
         *_comparison_table(rows),
         "",
@@ -353,6 +378,15 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         lines += ["![method comparison](comparison.png)", ""]
     if comparison.failed:
         lines += ["## Failed jobs", ""] + [f"- `{job}`: {error}" for job, error in comparison.failed] + [""]
+    if diverged:
+        lines += [
+            "## Diverged runs",
+            "",
+            "Stopped on a non-finite loss or weights; left out of the comparison (their rows describe the tasks "
+            "before the divergence only).",
+            "",
+        ]
+        lines += [f"- `{run.slug}`: {run.status.describe()}" for run in diverged] + [""]
     if incomplete:
         lines += [
             "## Incomplete runs",

@@ -11,12 +11,13 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
-import torch
+from helpers.fake_results import fake_run, mark_diverged
 
+from cl_lightning import report as report_module
 from cl_lightning.callbacks.sweep_summary import summarize_runs
 from cl_lightning.plots import accuracy_curves, accuracy_heatmap, comparison_bars
 from cl_lightning.report import compare, find_runs, main, write_report
-from cl_lightning.results import build_results, write_json_atomic
+from cl_lightning.results import write_json_atomic
 from cl_lightning.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,37 +34,6 @@ def assert_png(path: Path, min_width: int = 200, min_height: int = 200) -> np.nd
     colours = np.unique(image.reshape(-1, image.shape[-1]), axis=0)
     assert len(colours) > 10, f"{path.name} has {len(colours)} colours"
     return image
-
-
-def fake_run(
-    sweep: Path,
-    job: str,
-    method: str,
-    seed: int,
-    matrix: list[list[float]],
-    n_tasks: int = 3,
-    scenario: str = "class_il",
-) -> Path:
-    """Write ``<sweep>/<job>/results.json`` as ``train()`` would after ``len(matrix)`` of ``n_tasks`` tasks."""
-    full = torch.full((n_tasks, n_tasks), float("nan"))
-    full[: len(matrix)] = torch.tensor(matrix)
-    results = build_results(
-        method=method,
-        dataset="blobs",
-        scenario=scenario,
-        seed=seed,
-        n_tasks=n_tasks,
-        n_done=len(matrix),
-        acc_matrix=full,
-        baseline=torch.full((n_tasks,), 0.1),
-        task_il_matrix=full if scenario == "class_il" else None,
-        train_seconds=1.5,
-        eval_seconds=0.5,
-        config={"method": {"_target_": method}},
-        task_descriptions=[f"classes [{2 * t}, {2 * t + 1}]" for t in range(n_tasks)],
-    )
-    write_json_atomic(sweep / job / "results.json", results)
-    return sweep / job
 
 
 @pytest.fixture
@@ -232,3 +202,53 @@ def test_command_line(sweep: Path) -> None:
         f"error: {sweep / 'report'} already exists and is not empty; its files are kept: choose another with --out DIR"
     ]
     assert json.loads((sweep / "0_naive_seed0" / "results.json").read_text())["method"] == "naive"
+
+
+def test_a_diverged_run_is_listed_apart_and_never_pooled(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diverged joint run whose two rows look better than any complete run's: apart, out of means and bars."""
+    job = fake_run(sweep, "5_joint_seed3", "joint", 3, [[0.99, 0.0, 0.0], [0.99, 0.99, 0.0]])
+    diverged = mark_diverged(job, step=57, task=2)
+    drawn: list[list[dict]] = []
+    real_bars = report_module.comparison_bars
+    monkeypatch.setattr(
+        report_module, "comparison_bars", lambda rows, *a, **k: drawn.append(rows) or real_bars(rows, *a, **k)
+    )
+
+    text = write_report(sweep).read_text()
+    assert "6 run(s) found" in text and "4 complete, 1 incomplete, 1 diverged, 0 failed" in text
+    assert "| joint | blobs | class_il | 2 (+1 incomplete, +1 diverged) | 0 1 |" in text
+    complete = [json.loads((sweep / j / "results.json").read_text()) for j in ("2_joint_seed0", "3_joint_seed1")]
+    mean_acc = sum(r["avg_acc"] for r in complete) / 2
+    assert f"{100 * mean_acc:.2f} ± " in text
+    assert diverged["avg_acc"] > max(r["avg_acc"] for r in complete), "the trap: the diverged rows look best"
+    (bars,) = drawn
+    (joint_bar,) = [r for r in bars if r["method"] == "joint"]
+    assert joint_bar["avg_acc_mean"] == pytest.approx(mean_acc) and joint_bar["runs"] == 2
+    assert "## Diverged runs" in text
+    assert "- `5_joint_seed3`: diverged at step 57 of task 2 (nan): the training loss became nan" in text
+    incomplete_section = text[text.index("## Incomplete runs") : text.index("## Runs")]
+    assert "5_joint_seed3" not in incomplete_section and "4_joint_seed2" in incomplete_section
+    assert "joint on blobs (class_il, seed 3), **diverged** at step 57 of task 2 (nan)" in text
+    assert_png(sweep / "report" / "runs" / "5_joint_seed3" / "acc_matrix.png")
+
+
+def test_report_on_a_single_diverged_run(tmp_path: Path) -> None:
+    job = fake_run(tmp_path, "run", "ewc", 0, [[0.9, 0.1, 0.0]])
+    mark_diverged(job, step=12, task=1, value="inf")
+    text = write_report(job).read_text()
+    assert "| ewc | blobs | class_il | 0 (+1 diverged) | - |" in text
+    assert "- `run`: diverged at step 12 of task 1 (inf)" in text
+    assert not (job / "report" / "comparison.png").exists(), "no bar for a group without a complete run"
+
+
+def test_a_run_diverged_in_its_first_task_is_listed_not_unreadable(sweep: Path) -> None:
+    job = fake_run(sweep, "5_joint_seed3", "joint", 3, [[0.5, 0.5, 0.5]])
+    results = mark_diverged(job, step=4, task=0)
+    results |= {"acc_matrix": [], "task_il_acc_matrix": [], "tasks_completed": 0}
+    results |= {k: None for k in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc")}
+    write_json_atomic(job / "results.json", results)
+    text = write_report(sweep).read_text()
+    assert "- `5_joint_seed3`: diverged at step 4 of task 0 (nan)" in text
+    assert "Unreadable" not in text
+    assert "No task was finished: no accuracy matrix." in text
+    assert "| joint | blobs | class_il | 2 (+1 incomplete, +1 diverged) | 0 1 |" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -62,3 +63,103 @@ def test_optuna_tunes_on_the_validation_split(tmp_path: Path) -> None:
     assert all(r["config"]["dataset"]["eval_split"] == "val" for r in results), "never tuned on the test set"
     (best,) = tmp_path.glob("*/*/optimization_results.yaml")
     assert "best_value" in best.read_text()
+
+
+# ------------------------------------------------------------------------------------------ summary of a sweep dir
+NAIVE = [[0.9, 0.1, 0.0], [0.2, 0.95, 0.0], [0.1, 0.2, 0.97]]
+EWC = [[0.9, 0.1, 0.0], [0.6, 0.9, 0.0], [0.5, 0.6, 0.9]]
+# diverged in its third task: the two rows before show no forgetting at all, the "best" value of the sweep
+EWC_DIVERGED = [[0.9, 0.1, 0.0], [0.9, 0.9, 0.0]]
+
+
+@pytest.fixture
+def diverged_sweep(tmp_path: Path) -> Path:
+    """``-m method=naive,ewc seed=0,1``, EWC with seed 1 diverged at step 57 of task 2, and one run stopped early."""
+    from helpers.fake_results import fake_run, mark_diverged
+
+    root = tmp_path / "sweep"
+    fake_run(root, "0_naive_seed0", "naive", 0, NAIVE, overrides=["method=naive", "seed=0"])
+    fake_run(root, "1_naive_seed1", "naive", 1, NAIVE, overrides=["method=naive", "seed=1"])
+    fake_run(root, "2_ewc_seed0", "ewc", 0, EWC, overrides=["method=ewc", "seed=0"])
+    mark_diverged(fake_run(root, "3_ewc_seed1", "ewc", 1, EWC_DIVERGED, overrides=["method=ewc", "seed=1"]), 57, 2)
+    fake_run(root, "4_ewc_seed2", "ewc", 2, EWC[:1], overrides=["method=ewc", "seed=2"])  # stopped by max_tasks
+    return root
+
+
+def _results(job: Path) -> dict:
+    return json.loads((job / "results.json").read_text())
+
+
+def test_summary_never_pools_a_diverged_run(diverged_sweep: Path) -> None:
+    from cl_lightning.callbacks.sweep_summary import summarize_runs, write_summary
+
+    ewc_complete = _results(diverged_sweep / "2_ewc_seed0")
+    assert _results(diverged_sweep / "3_ewc_seed1")["forgetting"] < ewc_complete["forgetting"], "the trap"
+    rows = write_summary(diverged_sweep)
+    assert rows == summarize_runs(diverged_sweep)
+    (ewc,) = [r for r in rows if r["method"] == "ewc"]
+    assert (ewc["runs"], ewc["seeds"], ewc["diverged"], ewc["incomplete"]) == (1, "0", 1, 1)
+    assert ewc["forgetting_mean"] == pytest.approx(ewc_complete["forgetting"]) and ewc["forgetting_std"] == 0.0
+    assert ewc["avg_acc_mean"] == pytest.approx(ewc_complete["avg_acc"])
+
+    md = (diverged_sweep / "summary.md").read_text()
+    assert "| ewc | blobs | class_il | - | 1 (+1 incomplete, +1 diverged) |" in md
+    assert f"{100 * ewc_complete['forgetting']:.2f} ± 0.00" in md
+    assert "## Diverged runs (1)" in md
+    assert "- `3_ewc_seed1`: diverged at step 57 of task 2 (nan)" in md
+    assert "## Incomplete runs (1)" in md and "- `4_ewc_seed2`: stopped after 1/3 tasks" in md
+    assert "Failed jobs" not in md
+
+    with open(diverged_sweep / "summary.csv", newline="") as f:
+        table = list(csv.reader(f))
+    header, body = table[0], table[1:]
+    assert "diverged" in header
+    by_method = {row[0]: dict(zip(header, row, strict=True)) for row in body if row[0] in ("naive", "ewc")}
+    assert by_method["ewc"]["diverged"] == "1" and by_method["ewc"]["runs"] == "1"
+    assert float(by_method["ewc"]["forgetting_mean"]) == pytest.approx(ewc_complete["forgetting"])
+    assert body[-2][:3] == ["DIVERGED", "3_ewc_seed1", "diverged at step 57 of task 2 (nan)"]
+    assert body[-1][:2] == ["INCOMPLETE", "4_ewc_seed2"]
+
+
+def test_a_group_of_only_diverged_runs_has_no_mean(tmp_path: Path) -> None:
+    from helpers.fake_results import fake_run, mark_diverged
+
+    from cl_lightning.callbacks.sweep_summary import write_summary
+
+    root = tmp_path / "sweep"
+    fake_run(root, "0_naive_seed0", "naive", 0, NAIVE, overrides=["method=naive"])
+    mark_diverged(fake_run(root, "1_ewc_seed0", "ewc", 0, EWC_DIVERGED, overrides=["method=ewc"]), 3, 1, "inf")
+    (ewc,) = [r for r in write_summary(root) if r["method"] == "ewc"]
+    assert ewc["runs"] == 0 and not any(k.endswith("_mean") for k in ewc)
+    md = (root / "summary.md").read_text()
+    assert "| ewc | blobs | class_il | - | 0 (+1 diverged) | - | - |" in md
+    assert "- `1_ewc_seed0`: diverged at step 3 of task 1 (inf)" in md
+
+
+def test_a_diverged_job_is_not_also_a_failed_one_and_fails_the_sweep(diverged_sweep: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from cl_lightning.callbacks.sweep_summary import SweepSummary, failed_jobs
+
+    # should the job also leave failed.json, it is still listed once, as diverged
+    (diverged_sweep / "3_ewc_seed1" / "failed.json").write_text(json.dumps({"error": "DivergenceError: nan"}))
+    assert failed_jobs(diverged_sweep) == []
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(diverged_sweep)}}})
+    with pytest.raises(SystemExit) as info:
+        SweepSummary().on_multirun_end(config)
+    assert info.value.code == 1, "a sweep with a diverged job reports failure to the shell"
+    assert (diverged_sweep / "summary.md").read_text().count("3_ewc_seed1") == 1
+
+
+def test_results_without_the_complete_key_are_judged_by_their_rows(tmp_path: Path) -> None:
+    from helpers.fake_results import fake_run
+
+    from cl_lightning.callbacks.sweep_summary import summarize_runs
+
+    root = tmp_path / "sweep"
+    job = fake_run(root, "0_naive_seed0", "naive", 0, NAIVE[:2])
+    results = _results(job)
+    del results["complete"]  # an older or hand-edited file: two of three tasks, not to be taken as complete
+    (job / "results.json").write_text(json.dumps(results))
+    (row,) = summarize_runs(root)
+    assert row["runs"] == 0 and row["incomplete"] == 1

@@ -42,10 +42,7 @@ class PeriodicEvaluation(pl.Callback):
                     if self.max_samples_per_task is not None and seen >= self.max_samples_per_task:
                         break
                     x, y = batch.x.to(pl_module.device), batch.y.to(pl_module.device)
-                    with pl_module.task_view(j):  # type: ignore[attr-defined]
-                        logits = pl_module(pl_module.prepare(x), j)  # type: ignore[operator]
-                    if pl_module.scenario == "task_il":  # type: ignore[attr-defined]
-                        logits = logits.masked_fill(~pl_module.output_masks[j], float("-inf"))  # type: ignore[index]
+                    logits, _ = pl_module.eval_logits(x, j)  # type: ignore[operator]
                     counts[j, 0] += (logits.argmax(1) == y).sum()
                     counts[j, 1] += len(y)
                     seen += len(y)

@@ -4,27 +4,39 @@ Every loader returns a :class:`SourceData`: images as ``uint8`` tensors of shape
 ``int64`` tensors of shape ``[N]``, train and test split as published. Scenario builders (class-, task- and
 domain-incremental splits, permutations, rotations) work on these tensors; nothing here normalises or augments.
 
-Where the files are looked for, in order (``data_dir`` first, then the directory named by the ``CL_DATA_DIR``
-environment variable when it is set, then the system directories of :data:`SYSTEM_DIRS`):
+Where the files are looked for. A data directory that is given (the ``data_dir`` argument, which the run's config
+``data_dir`` fills, or else the ``CL_DATA_DIR`` environment variable) is the *only* place looked in: a given directory
+that is a file, does not exist or holds no copy of the dataset is an error, never a silent fall-back to other data
+than the one the run records. Given none (``data_dir=None``, the config's default when ``CL_DATA_DIR`` is unset), the
+default search looks in ``./data`` and then in the system directories of :data:`SYSTEM_DIRS`. Below the root
+(``<root>``: the given directory, or ``./data``):
 
 * MNIST: ``<root>/MNIST/raw/`` (torchvision's layout), ``<root>/MNIST/``, ``<root>/``; the four IDX files
   ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, each raw or gzipped (``.gz``).
-* Fashion-MNIST: ``<root>/FashionMNIST/raw/``, ``<root>/FashionMNIST/`` and ``/usr/share/datasets/fashion-mnist``
-  (Debian's ``dataset-fashion-mnist`` package, gzipped files only). Not ``<root>/`` itself: the files have the same
-  names as MNIST's, and a bare directory would let one dataset be read as the other.
-* CIFAR-10/100: torchvision's ``<root>/cifar-10-batches-py/`` and ``<root>/cifar-100-python/``, read by torchvision's
-  own classes (which check every file's md5 sum).
+* Fashion-MNIST: ``<root>/FashionMNIST/raw/``, ``<root>/FashionMNIST/``, and in the default search also
+  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package, gzipped files only). Not
+  ``<root>/`` itself: the files have the same names as MNIST's, and a bare directory would let one dataset be read as
+  the other.
+* CIFAR-10/100: torchvision's ``<root>/cifar-10-batches-py/`` and ``<root>/cifar-100-python/`` (the extracted
+  official archives), every file checked against torchvision's table of the official md5 sums.
 * The 8x8 digits of scikit-learn ship inside the package: :func:`load_digits` never touches the disk or network.
 
 The IDX files are read by :func:`read_idx` rather than torchvision's ``MNIST`` class, which reads only unzipped
-files and, given ``download=True``, writes next to them (impossible in a read-only system directory).
+files and, given ``download=True``, writes next to them (impossible in a read-only system directory). The CIFAR
+pickles are read here too rather than by torchvision's classes, so that a bad file is named in the error. A file
+that is there but unusable (truncated, of the wrong size, a bad magic number, an md5 sum that is not the official
+one) raises :class:`DataFileError`: one line naming the file, what is wrong with it and how to replace it.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import logging
 import os
-from collections.abc import Callable, Iterable
+import pickle
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +46,9 @@ import torch
 
 __all__ = [
     "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
     "SYSTEM_DIRS",
+    "DataFileError",
     "DatasetNotFoundError",
     "SourceData",
     "load_cifar10",
@@ -45,15 +59,24 @@ __all__ = [
     "read_idx",
 ]
 
-#: Environment variable naming a directory that is searched after ``data_dir``.
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the data directory when ``data_dir`` is not given; then it is the only place looked in.
 DATA_DIR_ENV = "CL_DATA_DIR"
 
-#: System-wide directories searched last, per dataset. Debian's ``dataset-fashion-mnist`` package installs the four
-#: gzipped IDX files of Fashion-MNIST (and nothing else) in ``/usr/share/datasets/fashion-mnist``.
+#: The directory of the default search (no ``data_dir``, no ``CL_DATA_DIR``), relative to the working directory.
+DEFAULT_DATA_DIR = Path("data")
+
+#: System-wide directories searched after :data:`DEFAULT_DATA_DIR` by the default search only, per dataset. Debian's
+#: ``dataset-fashion-mnist`` package installs the four gzipped IDX files of Fashion-MNIST (and nothing else) in
+#: ``/usr/share/datasets/fashion-mnist``.
 SYSTEM_DIRS: dict[str, list[Path]] = {
     "mnist": [],
     "fashion_mnist": [Path("/usr/share/datasets/fashion-mnist")],
 }
+
+#: The system package that installs each system directory, named in the fix of a bad file found there.
+SYSTEM_PACKAGES: dict[Path, str] = {Path("/usr/share/datasets/fashion-mnist"): "dataset-fashion-mnist"}
 
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -215,6 +238,59 @@ class DatasetNotFoundError(FileNotFoundError):
         return err
 
 
+class DataFileError(DatasetNotFoundError, ValueError):
+    """A dataset file is there but unusable: truncated, of the wrong size, not in its format, or unreadable.
+
+    The message is one line: the file, what is wrong with it, and how to replace it. It derives from
+    :class:`DatasetNotFoundError` (no usable copy of the dataset was found: the run prints ``error: <message>`` and
+    exits with code 2, as for missing data) and from ``ValueError`` (what :func:`read_idx` raised for malformed files
+    before this class existed, so callers that catch that keep working). Build one with :meth:`for_file`.
+
+    Attributes:
+        path: The bad file.
+        problem: What is wrong with it.
+    """
+
+    path: str = ""
+    problem: str = ""
+
+    @classmethod
+    def for_file(cls, path: str | os.PathLike[str], problem: str, fix: str = "") -> DataFileError:
+        """Build the error with the standard one-line message ``<path>: <problem>. <fix>``.
+
+        Args:
+            path: The bad file.
+            problem: What is wrong, e.g. ``"truncated: the gzip stream ends before its end marker"``.
+            fix: How to repair it; by default, delete and download again (or reinstall the system package that put
+                it there).
+
+        Returns:
+            The error, with ``path`` and ``problem`` kept as attributes.
+
+        Example:
+            >>> str(DataFileError.for_file("/d/MNIST/raw/t10k-labels-idx1-ubyte", "truncated")).split(". ")[0]
+            '/d/MNIST/raw/t10k-labels-idx1-ubyte: truncated'
+        """
+        problem = " ".join(problem.split()).rstrip(".")
+        fix = " ".join((fix or _default_fix(Path(path))).split()).rstrip(".")
+        err = cls(f"{path}: {problem}. {fix}.")
+        err.path, err.problem = str(path), problem
+        return err
+
+
+def _default_fix(path: Path) -> str:
+    for directory, package in SYSTEM_PACKAGES.items():
+        if directory == path.parent or directory in path.parents:
+            return (
+                f"It was installed by the system package {package}: reinstall it "
+                f"(apt-get install --reinstall {package}), or put a good copy under data_dir"
+            )
+    return (
+        "Delete it, then download it again (dataset.source.download=true where the network allows) "
+        "or copy a good one there"
+    )
+
+
 def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read a file in the IDX format of the MNIST family, raw or gzipped.
 
@@ -230,27 +306,58 @@ def read_idx(path: str | os.PathLike[str]) -> torch.Tensor:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: If the header is not IDX or the data is shorter or longer than the header says.
+        DataFileError: If the file is truncated (a gzip stream that ends early, fewer bytes than its header
+            announces), of the wrong size (more bytes than announced), corrupt (bad gzip data or checksum), does not
+            start with an IDX magic number, or cannot be read. Also a ``ValueError``.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        is_gzip = f.read(2) == _GZIP_MAGIC
-    opener: Callable[..., Any] = gzip.open if is_gzip else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file: its first bytes are {raw[:4].hex(' ') or '(none)'}.")
+    try:
+        with open(path, "rb") as f:
+            is_gzip = f.read(2) == _GZIP_MAGIC
+            if not is_gzip:
+                f.seek(0)
+                raw = f.read()
+        if is_gzip:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+    except FileNotFoundError:
+        raise
+    except EOFError as e:
+        raise DataFileError.for_file(path, "truncated: its gzip stream ends before the end marker") from e
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataFileError.for_file(path, f"corrupt gzip data ({_one_line(e)})") from e
+    except OSError as e:
+        raise DataFileError.for_file(path, f"cannot be read ({_one_line(e)})", fix="Check its permissions") from e
+    what = "after decompression " if is_gzip else ""
+    if len(raw) < 4:
+        raise DataFileError.for_file(
+            path, f"truncated: {len(raw)} bytes {what}is shorter than the 4-byte IDX magic number"
+        )
+    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataFileError.for_file(
+            path,
+            f"bad magic number {raw[:4].hex(' ')}: not an IDX file (one starts with 00 00, a type code 08, 09 or "
+            "0b-0e, and the number of dimensions)",
+        )
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header_end = 4 + 4 * ndim
     if len(raw) < header_end:
-        raise ValueError(f"{path}: the IDX header announces {ndim} dimensions but the file ends before them.")
+        raise DataFileError.for_file(
+            path,
+            f"truncated: the IDX header announces {ndim} dimensions but the file ends {what}after {len(raw)} bytes",
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header_end != expected:
-        raise ValueError(
-            f"{path}: the IDX header announces shape {list(shape)} ({expected} bytes of data) but the file holds "
-            f"{len(raw) - header_end} bytes after the header (truncated or corrupted download?)."
-        )
+    held = len(raw) - header_end
+    if held != expected:
+        announced = f"the IDX header announces shape {list(shape)} ({expected} bytes of data)"
+        if held < expected:
+            problem = f"truncated: {announced} but the file holds {held} bytes {what}after the header"
+        else:
+            problem = (
+                f"wrong size: {announced} but the file holds {held} bytes {what}after it, {held - expected} too many"
+            )
+        raise DataFileError.for_file(path, problem)
     array = np.frombuffer(raw, dtype=dtype, offset=header_end).reshape(shape)
     # astype copies into native byte order, which also makes the array writable as torch wants.
     return torch.from_numpy(array.astype(dtype.newbyteorder("=")))
@@ -298,11 +405,12 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> SourceData:
     )
 
 
-def load_mnist(data_dir: str | os.PathLike[str], download: bool = False) -> SourceData:
+def load_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> SourceData:
     """MNIST, 60000 train and 10000 test images of 28x28 handwritten digits.
 
     Args:
-        data_dir: Directory holding ``MNIST/raw/`` (torchvision's layout), ``MNIST/``, or the four files directly.
+        data_dir: Directory holding ``MNIST/raw/`` (torchvision's layout), ``MNIST/``, or the four files directly;
+            the only place looked in. ``None``: ``$CL_DATA_DIR`` when set (then the only place), else ``./data``.
         download: Fetch the files with torchvision into ``<data_dir>/MNIST/raw/`` when they are not found.
 
     Returns:
@@ -310,6 +418,7 @@ def load_mnist(data_dir: str | os.PathLike[str], download: bool = False) -> Sour
 
     Raises:
         DatasetNotFoundError: If the files are not found and ``download`` is false or the download failed.
+        DataFileError: If a file is there but truncated, of the wrong size or not an IDX file.
     """
     return _load_idx_dataset(
         name="mnist",
@@ -322,12 +431,13 @@ def load_mnist(data_dir: str | os.PathLike[str], download: bool = False) -> Sour
     )
 
 
-def load_fashion_mnist(data_dir: str | os.PathLike[str], download: bool = False) -> SourceData:
+def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> SourceData:
     """Fashion-MNIST, 60000 train and 10000 test 28x28 images of clothing in 10 classes.
 
     Args:
-        data_dir: Directory holding ``FashionMNIST/raw/`` (torchvision's layout) or ``FashionMNIST/``. The system
-            directories of :data:`SYSTEM_DIRS` (Debian's ``dataset-fashion-mnist``) are searched too.
+        data_dir: Directory holding ``FashionMNIST/raw/`` (torchvision's layout) or ``FashionMNIST/``; the only place
+            looked in. ``None``: ``$CL_DATA_DIR`` when set (then the only place), else ``./data`` and then the
+            system directories of :data:`SYSTEM_DIRS` (Debian's ``dataset-fashion-mnist``).
         download: Fetch the files with torchvision into ``<data_dir>/FashionMNIST/raw/`` when they are not found.
 
     Returns:
@@ -335,6 +445,7 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str], download: bool = False)
 
     Raises:
         DatasetNotFoundError: If the files are not found and ``download`` is false or the download failed.
+        DataFileError: If a file is there but truncated, of the wrong size or not an IDX file.
     """
     return _load_idx_dataset(
         name="fashion_mnist",
@@ -347,45 +458,78 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str], download: bool = False)
     )
 
 
-def load_cifar10(data_dir: str | os.PathLike[str], download: bool = False) -> SourceData:
+def load_cifar10(data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> SourceData:
     """CIFAR-10, 50000 train and 10000 test 32x32 colour images in 10 classes.
 
     Args:
-        data_dir: Directory holding ``cifar-10-batches-py/`` (the extracted official archive).
+        data_dir: Directory holding ``cifar-10-batches-py/`` (the extracted official archive); the only place
+            looked in. ``None``: ``$CL_DATA_DIR`` when set, else ``./data``.
         download: Fetch and extract the archive with torchvision into ``data_dir`` when it is not found.
 
     Returns:
         The dataset, named ``"cifar10"``, images of shape ``[N, 3, 32, 32]``.
 
     Raises:
-        DatasetNotFoundError: If the files are missing or corrupted and ``download`` is false or failed.
+        DatasetNotFoundError: If the files are missing and ``download`` is false or failed.
+        DataFileError: If a file is there but its md5 sum is not the official one, or it does not unpickle.
     """
     return _load_cifar("cifar10", "CIFAR-10", "CIFAR10", "cifar-10-batches-py", data_dir, download)
 
 
-def load_cifar100(data_dir: str | os.PathLike[str], download: bool = False) -> SourceData:
+def load_cifar100(data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> SourceData:
     """CIFAR-100, 50000 train and 10000 test 32x32 colour images in 100 (fine) classes.
 
     Args:
-        data_dir: Directory holding ``cifar-100-python/`` (the extracted official archive).
+        data_dir: Directory holding ``cifar-100-python/`` (the extracted official archive); the only place looked
+            in. ``None``: ``$CL_DATA_DIR`` when set, else ``./data``.
         download: Fetch and extract the archive with torchvision into ``data_dir`` when it is not found.
 
     Returns:
         The dataset, named ``"cifar100"``, images of shape ``[N, 3, 32, 32]``, labels the fine classes.
 
     Raises:
-        DatasetNotFoundError: If the files are missing or corrupted and ``download`` is false or failed.
+        DatasetNotFoundError: If the files are missing and ``download`` is false or failed.
+        DataFileError: If a file is there but its md5 sum is not the official one, or it does not unpickle.
     """
     return _load_cifar("cifar100", "CIFAR-100", "CIFAR100", "cifar-100-python", data_dir, download)
 
 
-def _roots(data_dir: str | os.PathLike[str]) -> list[Path]:
-    """``data_dir`` then ``$CL_DATA_DIR`` (when set and different), user-expanded."""
-    roots = [Path(data_dir).expanduser()]
-    env = os.environ.get(DATA_DIR_ENV)
-    if env and Path(env).expanduser() != roots[0]:
-        roots.append(Path(env).expanduser())
-    return roots
+@dataclass(frozen=True)
+class _DataRoot:
+    """Where to look: the root directory, whether it was given, and how (for the messages)."""
+
+    path: Path
+    given: bool
+    origin: str  # "data_dir=/x", "data_dir=/x (from CL_DATA_DIR)", or "" for the default search
+
+    def check(self, title: str, expected: str) -> None:
+        """Refuse a given root that is a file, at once (a download cannot go there either)."""
+        if self.given and self.path.is_file():
+            note = f"{self.origin} is a file, not a directory"
+            raise DatasetNotFoundError.from_search(title, [self.path], expected, note=note)
+
+    def not_found(self, title: str, searched: list[Path], expected: str, note: str = "") -> DatasetNotFoundError:
+        """The standard error, saying why a given root was the only place looked in."""
+        notes = [note] if note else []
+        if self.given:
+            state = "does not exist" if not self.path.exists() else "holds no copy"
+            notes.append(
+                f"{self.origin} {state}; a given data directory (data_dir or {DATA_DIR_ENV}) is the only place "
+                "looked in"
+            )
+        return DatasetNotFoundError.from_search(title, searched, expected, note="; ".join(notes))
+
+
+def _data_root(data_dir: str | os.PathLike[str] | None) -> _DataRoot:
+    """``data_dir`` when given (not ``None`` nor empty), else ``$CL_DATA_DIR`` when set, else the default search."""
+    env = os.environ.get(DATA_DIR_ENV) or ""
+    if data_dir is not None and os.fspath(data_dir) != "":
+        path = Path(data_dir).expanduser()
+        source = f" (from {DATA_DIR_ENV})" if env and Path(env).expanduser() == path else ""
+        return _DataRoot(path, True, f"data_dir={os.fspath(data_dir)}{source}")
+    if env:
+        return _DataRoot(Path(env).expanduser(), True, f"{DATA_DIR_ENV}={env}")
+    return _DataRoot(Path.cwd() / DEFAULT_DATA_DIR, False, "")  # absolute: the messages say where it was
 
 
 def _find_idx_files(directory: Path) -> dict[str, Path] | None:
@@ -400,55 +544,64 @@ def _find_idx_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
-def _idx_search_dirs(name: str, folder: str, data_dir: str | os.PathLike[str], search_bare_root: bool) -> list[Path]:
-    dirs = []
-    for root in _roots(data_dir):
-        dirs += [root / folder / "raw", root / folder]
-        if search_bare_root:
-            dirs.append(root)
-    return dirs + list(SYSTEM_DIRS.get(name, []))
+def _idx_search_dirs(name: str, folder: str, root: _DataRoot, search_bare_root: bool) -> list[Path]:
+    dirs = [root.path / folder / "raw", root.path / folder]
+    if search_bare_root:
+        dirs.append(root.path)
+    # the system directories belong to the default search only: a given directory is the only place looked in
+    return dirs if root.given else dirs + list(SYSTEM_DIRS.get(name, []))
 
 
 def _load_idx_dataset(
     name: str,
     title: str,
     folder: str,
-    data_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None,
     download: bool,
     class_names: tuple[str, ...],
     search_bare_root: bool,
 ) -> SourceData:
-    dirs = _idx_search_dirs(name, folder, data_dir, search_bare_root)
-    files = next((f for f in map(_find_idx_files, dirs) if f is not None), None)
+    root = _data_root(data_dir)
+    dirs = _idx_search_dirs(name, folder, root, search_bare_root)
     expected = "the four files " + ", ".join(f"{stem}[.gz]" for stem in _IDX_FILES.values())
+    root.check(title, expected)
+    files = next((f for f in map(_find_idx_files, dirs) if f is not None), None)
     if files is None and download:
-        root = Path(data_dir).expanduser()
         try:
             from torchvision import datasets
 
             # One construction downloads all four files (train and test) into <root>/<folder>/raw.
-            getattr(datasets, folder)(root=str(root), train=True, download=True)
+            getattr(datasets, folder)(root=str(root.path), train=True, download=True)
         except (RuntimeError, OSError) as e:
-            raise DatasetNotFoundError.from_search(
-                title, dirs, expected, note=f"Downloading into {root / folder / 'raw'} failed: {_one_line(e)}"
-            ) from e
-        files = _find_idx_files(root / folder / "raw")
+            note = f"Downloading into {root.path / folder / 'raw'} failed: {_one_line(e)}"
+            raise root.not_found(title, dirs, expected, note=note) from e
+        files = _find_idx_files(root.path / folder / "raw")
     if files is None:
-        raise DatasetNotFoundError.from_search(title, dirs, expected)
+        raise root.not_found(title, dirs, expected)
 
+    log.info("%s read from %s", title, files["train_x"].parent)
     tensors = {key: read_idx(path) for key, path in files.items()}
     for split in ("train", "test"):
+        x_path, y_path = files[f"{split}_x"], files[f"{split}_y"]
         x, y = tensors[f"{split}_x"], tensors[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(
-                f"{title}: expected images [N, H, W] and labels [N] in {files[f'{split}_x']} and "
-                f"{files[f'{split}_y']}, got {list(x.shape)} and {list(y.shape)}."
+        for path, tensor, ndim, what in ((x_path, x, 3, "images [N, H, W]"), (y_path, y, 1, "labels [N]")):
+            if tensor.ndim != ndim or tensor.dtype != torch.uint8:
+                raise DataFileError.for_file(
+                    path, f"wrong content: {tensor.dtype} of shape {list(tensor.shape)}, expected uint8 {what}"
+                )
+        if len(x) != len(y):
+            raise DataFileError.for_file(
+                y_path, f"wrong size: {len(y)} labels for the {len(x)} images of {x_path.name} beside it"
+            )
+        if len(y) and int(y.max()) >= len(class_names):
+            raise DataFileError.for_file(
+                y_path, f"wrong content: label {int(y.max())} outside 0..{len(class_names) - 1} (corrupted?)"
             )
     return SourceData(
         name=name,
-        train_x=tensors["train_x"].to(torch.uint8).unsqueeze(1).contiguous(),
+        train_x=tensors["train_x"].unsqueeze(1).contiguous(),
         train_y=tensors["train_y"].to(torch.int64).contiguous(),
-        test_x=tensors["test_x"].to(torch.uint8).unsqueeze(1).contiguous(),
+        test_x=tensors["test_x"].unsqueeze(1).contiguous(),
         test_y=tensors["test_y"].to(torch.int64).contiguous(),
         n_classes=len(class_names),
         class_names=class_names,
@@ -456,47 +609,103 @@ def _load_idx_dataset(
 
 
 def _load_cifar(
-    name: str, title: str, tv_class: str, folder: str, data_dir: str | os.PathLike[str], download: bool
+    name: str, title: str, tv_class: str, folder: str, data_dir: str | os.PathLike[str] | None, download: bool
 ) -> SourceData:
     from torchvision import datasets
 
+    # torchvision's class holds the official file names and md5 sums and knows how to download the archive
     cls = getattr(datasets, tv_class)
-    roots = _roots(data_dir)
-    searched = [root / folder for root in roots]
+    root = _data_root(data_dir)
+    directory = root.path / folder
     expected = f"the extracted batches of the official {cls.filename} (folder {folder})"
-    notes = []
-    last_error: Exception | None = None
-    for root in roots:
+    root.check(title, expected)
+
+    def official() -> list[tuple[str, str]]:  # (file name, md5 sum), read when needed: the table is torchvision's
+        files = [(str(f), str(md5)) for f, md5 in [*cls.train_list, *cls.test_list]]
+        return [*files, (str(cls.meta["filename"]), str(cls.meta["md5"]))]
+
+    def missing() -> list[str]:
+        return [f for f, _ in official() if not (directory / f).is_file()]
+
+    if missing() and download:
         try:
-            return _cifar_from_torchvision(cls, name, root, download=False)
-        except RuntimeError as e:
-            last_error = e
-            if (root / folder).exists():
-                # The folder is there, so torchvision found a file missing or with the wrong md5 sum.
-                notes.append(f"{root / folder} exists but torchvision reported: {_one_line(e)}")
-    if download:
-        root = roots[0]
-        try:
-            return _cifar_from_torchvision(cls, name, root, download=True)
+            cls(root=str(root.path), train=True, download=True)
         except (RuntimeError, OSError) as e:
-            notes.append(f"Downloading into {root} failed: {_one_line(e)}")
-            raise DatasetNotFoundError.from_search(title, searched, expected, note="; ".join(notes)) from e
-    raise DatasetNotFoundError.from_search(title, searched, expected, note="; ".join(notes)) from last_error
+            note = f"Downloading into {root.path} failed: {_one_line(e)}"
+            raise root.not_found(title, [directory], expected, note=note) from e
+    lacking = missing()
+    if lacking:
+        note = f"{directory} exists but lacks {', '.join(lacking)}" if directory.is_dir() else ""
+        raise root.not_found(title, [directory], expected, note=note)
+    for filename, md5 in official():
+        digest = _md5(directory / filename)
+        if digest != md5:
+            raise DataFileError.for_file(
+                directory / filename,
+                f"truncated or corrupted: its md5 sum is {digest}, not {md5} as in the official {cls.filename}",
+            )
+    log.info("%s read from %s", title, directory)
+    n_classes = 10 if tv_class == "CIFAR10" else 100
+    train = [_read_cifar_batch(directory / f, n_classes) for f, _ in cls.train_list]
+    test = [_read_cifar_batch(directory / f, n_classes) for f, _ in cls.test_list]
+    meta_path = directory / cls.meta["filename"]
+    meta = _unpickle(meta_path)
+    classes = meta.get(cls.meta["key"]) if isinstance(meta, dict) else None
+    if not isinstance(classes, list) or len(classes) != n_classes:
+        raise DataFileError.for_file(meta_path, f"wrong content: expected {n_classes} names under {cls.meta['key']!r}")
 
+    def stack(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+        # a row is 1024 red, then 1024 green, then 1024 blue values, each row-major: channels first as it stands
+        x = np.concatenate([rows for rows, _ in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([labels for _, labels in batches])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
 
-def _cifar_from_torchvision(cls: type, name: str, root: Path, download: bool) -> SourceData:
-    train = cls(root=str(root), train=True, download=download)
-    test = cls(root=str(root), train=False, download=False)
+    train_x, train_y = stack(train)
+    test_x, test_y = stack(test)
     return SourceData(
         name=name,
-        # torchvision holds [N, H, W, C]; we keep channels first like every torch image.
-        train_x=torch.from_numpy(np.asarray(train.data, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous(),
-        train_y=torch.as_tensor(train.targets, dtype=torch.int64),
-        test_x=torch.from_numpy(np.asarray(test.data, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous(),
-        test_y=torch.as_tensor(test.targets, dtype=torch.int64),
-        n_classes=len(train.classes),
-        class_names=tuple(str(c) for c in train.classes),
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        n_classes=n_classes,
+        class_names=tuple(str(c) for c in classes),
     )
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unpickle(path: Path) -> Any:
+    """A CIFAR pickle (Python 2 strings read as latin-1, as the official archives need)."""
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")  # noqa: S301 - the official archive's format, md5-checked
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        raise DataFileError.for_file(path, f"truncated or corrupted: it does not unpickle ({_one_line(e)})") from e
+
+
+def _read_cifar_batch(path: Path, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``[N, 3072]`` uint8 rows and ``[N]`` int64 labels of one CIFAR batch file."""
+    entry = _unpickle(path)
+    key = "labels" if isinstance(entry, dict) and "labels" in entry else "fine_labels"
+    if not isinstance(entry, dict) or "data" not in entry or key not in entry:
+        raise DataFileError.for_file(path, "wrong content: not a CIFAR batch (a dict with 'data' and 'labels')")
+    rows, labels = np.asarray(entry["data"]), np.asarray(entry[key])
+    if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
+        raise DataFileError.for_file(
+            path, f"wrong size: 'data' is {rows.dtype} of shape {list(rows.shape)}, expected uint8 rows of 3072 values"
+        )
+    if labels.ndim != 1 or len(labels) != len(rows) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataFileError.for_file(path, f"wrong size: {len(rows)} images but labels of shape {list(labels.shape)}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise DataFileError.for_file(path, f"wrong content: labels outside 0..{n_classes - 1}")
+    return rows, labels.astype(np.int64)
 
 
 def _one_line(error: BaseException) -> str:

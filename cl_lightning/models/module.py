@@ -280,13 +280,21 @@ class CLModule(pl.LightningModule):
         checkpoint["cl_lightning"] = self.run_info
 
     # ------------------------------------------------------------------ evaluation
+    def eval_logits(self, x: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
+        """Evaluation logits of stored inputs ``x`` of task ``task_id``: the scenario's prediction logits and the
+        logits masked to the task's outputs (task-IL's, and a class-IL run's task-IL view).
+
+        The one evaluation path: task-end tests and periodic evaluation both call it.
+        """
+        with self.task_view(task_id):
+            logits = self(self.prepare(x), task_id)
+        masked = logits.masked_fill(~self.output_masks[task_id], float("-inf"))
+        return (masked if self.scenario == "task_il" else logits), masked
+
     @override
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         j = dataloader_idx
-        with self.task_view(j):
-            logits = self(self.prepare(batch.x), j)
-        masked = logits.masked_fill(~self.output_masks[j], float("-inf"))
-        preds = masked if self.scenario == "task_il" else logits
+        preds, masked = self.eval_logits(batch.x, j)
         if self.eval_row < 0:
             self.init_matrix.update(preds, batch.y, 0, j)
             return

@@ -15,6 +15,7 @@ import torchvision.datasets
 
 from cl_lightning.data import sources
 from cl_lightning.data.sources import (
+    DataFileError,
     DatasetNotFoundError,
     SourceData,
     load_cifar10,
@@ -133,11 +134,63 @@ def test_load_mnist_flat_layouts(tmp_path: Path, subdir: str) -> None:
     assert_matches(load_mnist(str(tmp_path)), arrays)
 
 
-def test_load_mnist_falls_back_to_cl_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# --------------------------------------------------------------------------------- where the data is looked for
+@pytest.mark.parametrize("kind", ["empty", "missing", "file", "other_dataset"])
+def test_a_given_data_dir_is_the_only_place_looked_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The issue's case: data_dir names a folder without MNIST while CL_DATA_DIR holds one: an error, no fall-back."""
+    write_mnist_like(tmp_path / "env" / "MNIST" / "raw", make_mnist_like(seed=2))
+    monkeypatch.setenv("CL_DATA_DIR", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path / "env")  # ./data and the bare working directory must not be looked in either
+    write_mnist_like(tmp_path / "env" / "data" / "MNIST" / "raw", make_mnist_like(seed=3))
+    given = tmp_path / "given"
+    if kind == "empty":
+        given.mkdir()
+    elif kind == "file":
+        given.write_text("not a directory")
+    elif kind == "other_dataset":
+        write_mnist_like(given / "FashionMNIST" / "raw", make_mnist_like(seed=4))
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_mnist(given)
+    message = str(info.value)
+    assert f"data_dir={given}" in message and "\n" not in message
+    assert str(tmp_path / "env") not in message, "CL_DATA_DIR is not looked in"
+    assert set(info.value.searched) <= {str(given), str(given / "MNIST"), str(given / "MNIST" / "raw")}
+    expected = {"empty": "holds no copy", "missing": "does not exist", "file": "is a file, not a directory"}
+    assert expected.get(kind, "holds no copy") in message
+    assert "only place looked in" in message or kind == "file"
+
+
+def test_cl_data_dir_is_the_only_place_when_data_dir_is_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     arrays = make_mnist_like(seed=2)
     write_mnist_like(tmp_path / "env" / "MNIST" / "raw", arrays)
     monkeypatch.setenv("CL_DATA_DIR", str(tmp_path / "env"))
-    assert_matches(load_mnist(tmp_path / "empty"), arrays)
+    assert_matches(load_mnist(), arrays)
+    assert_matches(load_mnist(None), arrays)
+    assert_matches(load_mnist(""), arrays), "an empty data_dir is not given"
+    # the run's config resolves data_dir to $CL_DATA_DIR: the message says where the path came from
+    monkeypatch.setenv("CL_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    write_mnist_like(tmp_path / "data" / "MNIST" / "raw", arrays)  # the default search's ./data: not looked in
+    for data_dir in (None, tmp_path / "empty"):
+        with pytest.raises(DatasetNotFoundError, match="from CL_DATA_DIR|CL_DATA_DIR=") as info:
+            load_mnist(data_dir)
+        assert "does not exist" in str(info.value) and "data/MNIST" not in str(info.value)
+
+
+def test_the_default_search_is_dot_data_then_the_system_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    arrays = make_mnist_like(seed=6)
+    write_mnist_like(tmp_path / "data" / "MNIST" / "raw", arrays)
+    assert_matches(load_mnist(), arrays)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_fashion_mnist()
+    data = tmp_path / "data"
+    assert info.value.searched == (f"{data}/FashionMNIST/raw", f"{data}/FashionMNIST", "/nonexistent/fashion-mnist")
+    assert "only place" not in str(info.value)
 
 
 @pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
@@ -154,7 +207,12 @@ def test_load_fashion_mnist_from_system_dir(tmp_path: Path, monkeypatch: pytest.
     arrays = make_mnist_like(seed=4)
     write_mnist_like(tmp_path / "system", arrays, gz=True)  # Debian's package ships only the .gz files
     monkeypatch.setitem(sources.SYSTEM_DIRS, "fashion_mnist", [tmp_path / "system"])
-    assert_matches(load_fashion_mnist(tmp_path / "empty"), arrays)
+    monkeypatch.chdir(tmp_path)
+    assert_matches(load_fashion_mnist(), arrays)  # the default search: ./data (empty), then the system directory
+    (tmp_path / "given").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:  # a given directory is the only place, even for the system's
+        load_fashion_mnist(tmp_path / "given")
+    assert str(tmp_path / "system") not in str(info.value)
 
 
 def test_fashion_mnist_ignores_mnist_files_in_bare_data_dir(tmp_path: Path) -> None:
@@ -175,8 +233,7 @@ def test_missing_mnist_family_says_where_and_how(tmp_path: Path, loader, folder:
     assert str(tmp_path / folder / "raw") in message
     assert "data_dir" in message and "CL_DATA_DIR" in message and "download=true" in message
     assert "\n" not in message
-    if folder == "FashionMNIST":
-        assert "/nonexistent/fashion-mnist" in message
+    assert "/nonexistent/fashion-mnist" not in message, "a given data_dir is the only place looked in"
 
 
 def test_mnist_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,14 +360,156 @@ def test_missing_cifar_says_where_and_how(tmp_path: Path, loader, folder: str) -
         loader(tmp_path)
     message = str(info.value)
     assert str(tmp_path / folder) in message and "data_dir" in message and "CL_DATA_DIR" in message
-    assert isinstance(info.value.__cause__, RuntimeError)  # torchvision's own error is kept
+    assert "only place looked in" in message and "\n" not in message
 
 
-def test_corrupted_cifar_is_reported_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cifar_missing_one_file_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fake_cifar10(tmp_path, monkeypatch)
-    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not the file whose md5 was recorded")
-    with pytest.raises(DatasetNotFoundError, match="exists but torchvision reported.*corrupted"):
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py exists but lacks data_batch_3"):
         load_cifar10(tmp_path)
+
+
+def test_cifar_is_looked_for_in_cl_data_dir_only_when_no_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = write_fake_cifar10(tmp_path / "env", monkeypatch)
+    monkeypatch.setenv("CL_DATA_DIR", str(tmp_path / "env"))
+    assert_cifar_matches(load_cifar10(), expected)
+    (tmp_path / "given").mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_cifar10(tmp_path / "given")
+    assert str(tmp_path / "env") not in str(info.value)
+
+
+def test_cifar_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    cls = torchvision.datasets.CIFAR10
+
+    def fake_init(self: object, root: str, train: bool = True, download: bool = False) -> None:
+        calls.append((root, train, download))  # stands in for the network: writes the extracted archive
+        write_fake_cifar10(Path(root), monkeypatch)
+
+    monkeypatch.setattr(cls, "__init__", fake_init)
+    data = load_cifar10(tmp_path / "new", download=True)
+    assert calls == [(str(tmp_path / "new"), True, True)] and len(data.train_y) == 20
+    load_cifar10(tmp_path / "new", download=True)
+    assert len(calls) == 1, "found now: no second download"
+
+
+# ------------------------------------------------------------------------------------------ bad files, one line each
+def assert_one_line_about(err: DataFileError, path: Path, *words: str) -> None:
+    message = str(err)
+    assert isinstance(err, DatasetNotFoundError) and isinstance(err, ValueError), "exit 2 as missing data; ValueError"
+    assert message.startswith(f"{path}: ") and err.path == str(path) and "\n" not in message
+    assert "Delete it, then download it again" in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["raw", "gz"])
+def test_a_truncated_mnist_file_is_named(tmp_path: Path, gz: bool) -> None:
+    write_mnist_like(tmp_path / "MNIST" / "raw", make_mnist_like(), gz=gz)
+    bad = tmp_path / "MNIST" / "raw" / (IDX_STEMS["test_x"] + (".gz" if gz else ""))
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
+    with pytest.raises(DataFileError) as info:
+        load_mnist(tmp_path)
+    assert_one_line_about(info.value, bad, "truncated")
+    assert not isinstance(info.value.__cause__, EOFError) or gz
+
+
+def test_a_gz_with_a_bad_checksum_is_named(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "x", np.arange(100, dtype=np.uint8), gz=True)
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the CRC-32 in the gzip trailer
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataFileError) as info:
+        read_idx(path)
+    assert_one_line_about(info.value, path, "corrupt gzip data")
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"PK\x03\x04 a zip file", ["bad magic number 50 4b 03 04", "not an IDX file"]),
+        (b"", ["truncated", "0 bytes"]),
+        (b"\x00\x00\x08\x03\x00\x00", ["truncated", "announces 3 dimensions"]),
+    ],
+    ids=["magic", "empty", "header"],
+)
+def test_wrong_magic_and_short_headers_are_named(tmp_path: Path, content: bytes, words: list[str]) -> None:
+    write_mnist_like(tmp_path / "MNIST", make_mnist_like())
+    bad = tmp_path / "MNIST" / IDX_STEMS["train_y"]
+    bad.write_bytes(content)
+    with pytest.raises(DataFileError) as info:
+        load_mnist(tmp_path)
+    assert_one_line_about(info.value, bad, *words)
+
+
+def test_extra_bytes_are_a_wrong_size(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "x", np.zeros((4, 5), dtype=np.uint8))
+    path.write_bytes(path.read_bytes() + b"\x00\x00")
+    with pytest.raises(DataFileError) as info:
+        read_idx(path)
+    assert_one_line_about(info.value, path, "wrong size", "2 too many")
+
+
+def test_mismatched_images_and_labels_are_named(tmp_path: Path) -> None:
+    arrays = make_mnist_like()
+    arrays["test_y"] = arrays["test_y"][:-1]
+    write_mnist_like(tmp_path / "MNIST" / "raw", arrays)
+    with pytest.raises(DataFileError) as info:
+        load_mnist(tmp_path)
+    assert_one_line_about(info.value, tmp_path / "MNIST" / "raw" / IDX_STEMS["test_y"], "9 labels for the 10 images")
+
+
+def test_a_bad_file_in_a_system_dir_says_to_reinstall_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mnist_like(tmp_path / "system", make_mnist_like(), gz=True)
+    bad = tmp_path / "system" / (IDX_STEMS["train_x"] + ".gz")
+    bad.write_bytes(bad.read_bytes()[:100])
+    monkeypatch.setitem(sources.SYSTEM_DIRS, "fashion_mnist", [tmp_path / "system"])
+    monkeypatch.setitem(sources.SYSTEM_PACKAGES, tmp_path / "system", "dataset-fashion-mnist")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataFileError, match=r"truncated.*apt-get install --reinstall dataset-fashion-mnist") as info:
+        load_fashion_mnist()
+    assert str(info.value).startswith(f"{bad}: ")
+
+
+def test_a_corrupted_cifar_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_cifar10(tmp_path, monkeypatch)
+    bad = tmp_path / "cifar-10-batches-py" / "test_batch"
+    bad.write_bytes(bad.read_bytes()[:-100])  # truncated: its md5 sum is no longer the official one
+    with pytest.raises(DataFileError) as info:
+        load_cifar10(tmp_path)
+    assert_one_line_about(info.value, bad, "truncated or corrupted", "md5 sum")
+
+
+@pytest.mark.parametrize("cut", [10, -100], ids=["header", "data"])
+def test_a_truncated_cifar_pickle_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    """Even with a matching md5 sum (a table pointed at the bad file), a pickle that does not load is named."""
+    write_fake_cifar100(tmp_path, monkeypatch)
+    bad = tmp_path / "cifar-100-python" / "train"
+    bad.write_bytes(bad.read_bytes()[:cut])
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "train_list", [["train", _md5(bad)]])
+    with pytest.raises(DataFileError) as info:
+        load_cifar100(tmp_path)
+    assert_one_line_about(info.value, bad, "truncated or corrupted", "does not unpickle")
+
+
+def test_a_cifar_batch_of_the_wrong_size_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_fake_cifar10(tmp_path, monkeypatch)
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    _dump(bad, {"labels": [0, 1], "data": np.zeros((2, 1000), dtype=np.uint8)})
+    monkeypatch.setattr(
+        torchvision.datasets.CIFAR10,
+        "train_list",
+        [[f"data_batch_{i}", _md5(tmp_path / "cifar-10-batches-py" / f"data_batch_{i}")] for i in range(1, 6)],
+    )
+    with pytest.raises(DataFileError) as info:
+        load_cifar10(tmp_path)
+    assert_one_line_about(info.value, bad, "wrong size", "[2, 1000]")
 
 
 # ----------------------------------------------------------------------------------------------------------- digits
@@ -371,6 +570,7 @@ def test_real_fashion_mnist_from_debian_package(monkeypatch: pytest.MonkeyPatch,
     if not DEBIAN_FASHION_DIR.is_dir():
         pytest.skip(f"{DEBIAN_FASHION_DIR} not present (Debian package dataset-fashion-mnist)")
     monkeypatch.setitem(sources.SYSTEM_DIRS, "fashion_mnist", [DEBIAN_FASHION_DIR])
-    data = load_fashion_mnist(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the default search (no data_dir): an empty ./data, then the system directory
+    data = load_fashion_mnist()
     assert (len(data.train_y), len(data.test_y)) == (60000, 10000)
     assert torch.equal(torch.bincount(data.train_y), torch.full((10,), 6000))
