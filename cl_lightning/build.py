@@ -29,7 +29,7 @@ from cl_lightning.callbacks.progress import TaskProgressBar
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.base import CLMethod, check_combination
+from cl_lightning.contract import CLMethod, check_combination
 from cl_lightning.models.module import CLModule
 
 log = logging.getLogger("cl_lightning")

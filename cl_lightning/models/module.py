@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from cl_lightning.data.batch import Batch
 from cl_lightning.errors import ConfigError, DivergenceError
-from cl_lightning.methods.base import CLMethod
+from cl_lightning.contract import CLMethod
 from cl_lightning.metrics import AccuracyMatrix
 from cl_lightning.models.backbones import net_logits
 
