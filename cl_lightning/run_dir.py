@@ -34,9 +34,6 @@ HYDRA_SUBDIR = ".hydra"
 # The deepest folder on the way to the run directory that existed before Hydra created the run directory (noted by
 # NoteExistingFolders); what Hydra created below it for a refused command is removed again.
 _existed_before: dict[Path, Path] = {}
-# `${cl_or:${resume},<new dir>}` in conf/hydra/default.yaml: a resumed run continues in its own directory
-if not OmegaConf.has_resolver("cl_or"):
-    OmegaConf.register_new_resolver("cl_or", lambda value, default: value if value is not None else default)
 
 
 class NoteExistingFolders(Callback):

@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cl_lightning.build import CONFIG_DIR, build_run, validate_config
+from cl_lightning.config_resolvers import register_resolvers
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, DivergenceError, RunDirectoryError
 from cl_lightning.results import write_json_atomic
@@ -38,6 +39,7 @@ log = logging.getLogger("cl_lightning")
 # Lightning 2.6 calls a pytree API that torch 2.14 deprecates; harmless, and printed once per fit otherwise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 REFUSALS = (ConfigError, RunDirectoryError, DatasetNotFoundError)
+register_resolvers()  # `${cl.case:...}` in the presets; at import, so `--cfg job --resolve` and job processes have it
 
 
 def _command_overrides() -> list[str] | None:

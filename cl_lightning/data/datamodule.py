@@ -35,7 +35,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         class_order: Split benchmarks: ``None`` (natural), ``"random"`` (seeded) or a list of all class ids.
         task_order: ``None``, ``"random"``, ``"reverse"`` or a list of task indices (easy-to-hard curricula).
         angles: Rotated benchmark: the angle of each task in degrees; ``None`` spreads ``n_tasks`` angles evenly
-            over [0, 180).
+            over [0, 180); ``"uniform"`` draws each task's angle from U[0, 180), seeded (Mammoth's rot-mnist).
         seed: Seeds class/task orders, permutations, the validation split and shuffling.
         batch_size: Training batch size per process.
         eval_batch_size: Evaluation batch size.
@@ -61,7 +61,7 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         n_tasks: int = 5,
         class_order: str | Sequence[int] | None = None,
         task_order: str | Sequence[int] | None = None,
-        angles: Sequence[float] | None = None,
+        angles: str | Sequence[float] | None = None,
         seed: int = 0,
         batch_size: int = 128,
         eval_batch_size: int = 1000,
@@ -100,10 +100,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             raise ConfigError("dataset.mean and dataset.std must be given together (or both null)")
         if std is not None and any(float(s) <= 0 for s in std):
             raise ConfigError(f"dataset.std={list(std)}: every value must be > 0")
-        if angles is not None and len(angles) != n_tasks:
-            raise ConfigError(
-                f"dataset.angles has {len(angles)} values but dataset.n_tasks={n_tasks}; give one angle per task"
-            )
+        if angles is not None:
+            scenarios.rotation_angles(angles, n_tasks, seed)  # validates: one-line error before any data is read
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"dataset.val_fraction={val_fraction}: must be in [0, 1)")
         self.source, self.name, self.benchmark, self.scenario = source, name, benchmark, scenario
@@ -146,8 +144,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
                     ("permute", p) for p in scenarios.permutations(self.n_tasks, n_features, self.seed)
                 ]
             else:
-                angles = self.angles or [180.0 * t / self.n_tasks for t in range(self.n_tasks)]
-                transforms = [("rotate", float(a)) for a in angles]
+                angles = scenarios.rotation_angles(self.angles, self.n_tasks, self.seed)
+                transforms = [("rotate", a) for a in angles]
             tasks, self.n_outputs = scenarios.transform_tasks(
                 data.train_x, data.train_y, data.test_x, data.test_y, data.n_classes, self.scenario, transforms
             )

@@ -150,6 +150,36 @@ def permutations(n_tasks: int, n_features: int, seed: int, identity_first: bool 
     return perms
 
 
+def rotation_angles(angles: str | Sequence[float] | None, n_tasks: int, seed: int) -> list[float]:
+    """Resolve ``dataset.angles`` of Rotated-MNIST: one rotation angle (degrees) per task.
+
+    ``None`` spreads ``n_tasks`` angles evenly over [0, 180) in increasing order; ``"uniform"`` draws each task's
+    angle independently from U[0, 180), fixed by ``seed`` (Mammoth's rot-mnist, Buzzega et al. 2020: 20 tasks of a
+    random rotation each); a list gives the angles explicitly.
+
+    >>> rotation_angles(None, 4, 0)
+    [0.0, 45.0, 90.0, 135.0]
+    >>> all(0 <= a < 180 for a in rotation_angles("uniform", 20, 0))
+    True
+    """
+    if angles is None:
+        return [180.0 * t / n_tasks for t in range(n_tasks)]
+    if isinstance(angles, str):
+        if angles != "uniform":
+            raise ConfigError(
+                f"dataset.angles={angles!r}: use null (evenly spaced over [0, 180)), 'uniform' (seeded draws from "
+                "U[0, 180)) or a list of one angle per task"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        return (180.0 * torch.rand(n_tasks, generator=gen, dtype=torch.float64)).tolist()
+    values = [float(a) for a in angles]
+    if len(values) != n_tasks:
+        raise ConfigError(
+            f"dataset.angles has {len(values)} values but dataset.n_tasks={n_tasks}; give one angle per task"
+        )
+    return values
+
+
 def transform_tasks(
     train_x: Tensor,
     train_y: Tensor,

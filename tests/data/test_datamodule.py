@@ -9,7 +9,9 @@ import pytest
 import torch
 from helpers.synthetic import blobs
 from torch import Tensor
+from torchvision.transforms.v2 import functional as tvf
 
+from cl_lightning.data import scenarios
 from cl_lightning.data.batch import Batch
 from cl_lightning.data.datamodule import TaskSequenceDataModule, random_crop_flip
 from cl_lightning.data.loader import TensorBatchLoader
@@ -203,6 +205,19 @@ def test_rotated_tasks_rotate_counter_clockwise(angles: list[float] | None) -> N
     assert torch.equal(dm.tasks[1].test_y, source.test_y)
 
 
+def test_rotated_tasks_draw_seeded_uniform_angles() -> None:
+    # dataset.angles=uniform: Mammoth's rot-mnist, one angle per task from U[0, 180), the same for train and test
+    source = blobs()
+    dm = make_dm(benchmark="rotated", scenario="domain_il", n_tasks=3, angles="uniform", seed=5)
+    angles = scenarios.rotation_angles("uniform", 3, seed=5)
+    for task, angle in zip(dm.tasks, angles, strict=True):
+        assert task.description.startswith(f"rotate {angle:g} deg")
+        rotated = tvf.rotate(source.test_x, angle, interpolation=tvf.InterpolationMode.BILINEAR)
+        assert torch.equal(task.test_x, rotated)
+    again = make_dm(benchmark="rotated", scenario="domain_il", n_tasks=3, angles="uniform", seed=5)
+    assert all(torch.equal(a.train_x, b.train_x) for a, b in zip(dm.tasks, again.tasks, strict=True))
+
+
 # ---------------------------------------------------------------------------------------------------- preprocessing
 def test_preprocess_scales_uint8_to_unit_interval() -> None:
     dm = make_dm()
@@ -260,6 +275,7 @@ def test_online_stream_chunks_cover_training_data_once(blur: float) -> None:
     [
         ({"eval_split": "val"}, r"dataset\.eval_split='val' needs dataset\.val_fraction"),
         ({"benchmark": "rotated", "n_tasks": 2, "angles": [0.0, 45.0, 90.0]}, r"dataset\.angles has 3 values"),
+        ({"benchmark": "rotated", "n_tasks": 2, "angles": "random"}, r"dataset\.angles='random'"),
         ({"mean": [0.5]}, r"dataset\.mean and dataset\.std"),
         ({"mean": [0.5], "std": [0.0]}, r"dataset\.std"),
         ({"benchmark": "shuffled"}, r"dataset\.benchmark='shuffled'"),

@@ -15,6 +15,7 @@ from cl_lightning.data.scenarios import (
     permutations,
     resolve_class_order,
     resolve_task_order,
+    rotation_angles,
     split_by_class,
     transform_tasks,
 )
@@ -293,3 +294,31 @@ def test_online_stream_blur_mixes_only_near_boundaries() -> None:
 def test_online_stream_invalid_blur(blur: float) -> None:
     with pytest.raises(ConfigError, match=r"dataset\.blur"):
         online_stream_order([3, 3], blur, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------- rotation angles
+def test_rotation_angles_default_spreads_evenly_in_increasing_order() -> None:
+    assert rotation_angles(None, 4, seed=0) == [0.0, 45.0, 90.0, 135.0]
+
+
+def test_rotation_angles_explicit_list_is_kept() -> None:
+    assert rotation_angles([10, 200.5], 2, seed=0) == [10.0, 200.5]
+
+
+def test_rotation_angles_uniform_is_seeded_and_in_range() -> None:
+    # Mammoth's rot-mnist (Buzzega et al. 2020): each task's angle drawn uniformly from [0, 180)
+    angles = rotation_angles("uniform", 20, seed=3)
+    assert len(angles) == 20 and all(0.0 <= a < 180.0 for a in angles)
+    assert angles == rotation_angles("uniform", 20, seed=3), "the same seed draws the same angles"
+    assert angles != rotation_angles("uniform", 20, seed=4), "another seed, other angles"
+    assert angles != sorted(angles), "drawn independently, not spread in order"
+    assert len(set(angles)) == 20
+
+
+@pytest.mark.parametrize(
+    ("angles", "message"),
+    [("random", r"dataset\.angles='random'"), ([0.0, 90.0, 45.0], r"dataset\.angles has 3 values")],
+)
+def test_rotation_angles_invalid(angles: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        rotation_angles(angles, 2, seed=0)  # type: ignore[arg-type]
