@@ -1,8 +1,11 @@
 """Replay buffers: preallocated tensors on the model's device and the selection policies of the literature.
 
 A :class:`Buffer` stores inputs as given (un-augmented; ``uint8`` for images), labels, task ids and, for methods
-that need them (DER), logits. Its slots are allocated once, on the device of the first inserted batch, so
-insertion and sampling are indexing operations and never move the data between host and device.
+that need them (DER), logits. Its slots live on the device of the first inserted batch, so insertion and sampling
+are indexing operations and never move the data between host and device. They are allocated as they fill, by
+doubling, up to ``capacity`` (:attr:`Buffer.rows`): a buffer larger than its stream (``buffer_size=1000000`` on a
+dataset of a few thousand samples) holds and checkpoints at most twice what it stores, not ``capacity`` rows, and a
+restored buffer grows exactly as the original would have.
 
 Selection policies (who stays when the buffer is full):
 
@@ -172,23 +175,41 @@ class Buffer:
                 setattr(self, name, value.to(device))
         return self
 
-    def _allocate(self, x: Tensor) -> None:
-        if self.x is not None:
-            if self.x.device != x.device:
-                self.to(x.device)
+    @property
+    def rows(self) -> int:
+        """Slots allocated so far: ``len(self) <= rows <= capacity``."""
+        return 0 if self.x is None else self.x.shape[0]
+
+    @staticmethod
+    def _grown(old: Tensor | None, rows: int, like: Tensor, dtype: torch.dtype, fill: float) -> Tensor:
+        """``old`` (or nothing) followed by rows of ``fill`` up to ``rows``, shaped like ``like``'s rows."""
+        new = torch.full((rows, *like.shape[1:]), fill, dtype=dtype, device=like.device)
+        if old is not None:
+            new[: old.shape[0]] = old
+        return new
+
+    def _allocate(self, x: Tensor, needed: int) -> None:
+        """Slots for at least ``needed`` samples (at most ``capacity``) on ``x``'s device, with ``x``'s shape."""
+        if self.x is not None and self.x.device != x.device:
+            self.to(x.device)
+        if self.x is not None and needed <= self.rows:
             return
-        cap, dev = self.capacity, x.device
-        self.x = torch.zeros((cap, *x.shape[1:]), dtype=x.dtype, device=dev)
-        self.y = torch.zeros(cap, dtype=torch.long, device=dev)
-        self.task_id = torch.full((cap,), -1, dtype=torch.long, device=dev)
+        # doubling: O(1) amortised copies; never past the capacity
+        rows = min(self.capacity, max(needed, 2 * self.rows))
+        long = torch.zeros(0, dtype=torch.long, device=x.device)
+        self.x = self._grown(self.x, rows, x, x.dtype, 0)
+        self.y = self._grown(self.y, rows, long, torch.long, 0)
+        self.task_id = self._grown(self.task_id, rows, long, torch.long, -1)
         if self.selection in TASK_END_SELECTIONS:
-            self.group = torch.zeros(cap, dtype=torch.long, device=dev)
-            self.rank = torch.zeros(cap, dtype=torch.long, device=dev)
+            self.group = self._grown(self.group, rows, long, torch.long, 0)
+            self.rank = self._grown(self.rank, rows, long, torch.long, 0)
+        if self.logits is not None:
+            self.logits = self._grown(self.logits, rows, self.logits, torch.float32, 0)
 
     def _allocate_logits(self, logits: Tensor) -> None:
         if self.logits is None:
             # lazily, on the first insertion that carries logits; slots filled earlier hold zeros
-            self.logits = torch.zeros((self.capacity, *logits.shape[1:]), dtype=torch.float32, device=logits.device)
+            self.logits = torch.zeros((self.rows, *logits.shape[1:]), dtype=torch.float32, device=logits.device)
 
     @staticmethod
     def _task_ids(task_id: Tensor | int, n: int, device: torch.device) -> Tensor:
@@ -211,7 +232,7 @@ class Buffer:
         b = len(y)
         if b == 0:
             return
-        self._allocate(x)
+        self._allocate(x, min(self.capacity, self.size + b))  # new samples go to slot `size` onwards until full
         tid = self._task_ids(task_id, b, x.device)
         if logits is not None:
             self._allocate_logits(logits)
@@ -342,7 +363,7 @@ class Buffer:
             raise ValueError(f"{self.selection} selection needs the samples' features")
         if len(y) == 0:
             return
-        self._allocate(x)
+        self._allocate(x, self.size)
         assert self.y is not None and self.task_id is not None and self.group is not None and self.rank is not None
         dev = x.device
         y = y.to(dev)
@@ -366,6 +387,7 @@ class Buffer:
             parts_t.append(torch.full((len(chosen),), task_id, dtype=torch.long, device=dev))
             parts_g.append(torch.full((len(chosen),), self.n_groups + offset, dtype=torch.long, device=dev))
             parts_r.append(torch.arange(len(chosen), device=dev))
+        self._allocate(x, sum(len(p) for p in parts_y))
         self._write_range(0, torch.cat(parts_x), torch.cat(parts_y), torch.cat(parts_t), None)
         self.size = sum(len(p) for p in parts_y)
         self.group[: self.size] = torch.cat(parts_g)

@@ -12,7 +12,7 @@ from typing_extensions import override
 from cl_lightning.core.buffer import Buffer
 from cl_lightning.core.projection import agem_project, flat_grad, write_flat_grad
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.er import ProjectionRate, check_int, fill_from_task, per_task_quota
+from cl_lightning.methods.er import ProjectionRate, check_buffer_fits, check_int, fill_from_task, per_task_quota
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
@@ -61,6 +61,7 @@ class AGEM(CLMethod):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        check_buffer_fits(trainer, self.buffer)
         self.quota = per_task_quota(trainer, self.buffer_size, self.name)
 
     @override

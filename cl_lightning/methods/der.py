@@ -12,7 +12,7 @@ from typing_extensions import override
 from cl_lightning.core.buffer import Buffer
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.er import check_int, gather, stream_task_ids
+from cl_lightning.methods.er import check_buffer_fits, check_int, gather, stream_task_ids
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -63,6 +63,11 @@ class DER(CLMethod):
         self.alpha = check_weight("method.alpha", alpha)
         self.buffer = Buffer(buffer_size, "reservoir", seed)
         self._task = -1
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        check_buffer_fits(trainer, self.buffer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

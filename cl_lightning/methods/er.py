@@ -5,11 +5,13 @@ The module-level functions are shared by the replay methods (``der``, ``derpp``,
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -66,6 +68,32 @@ def task_features(pl_module: CLModule, x: Tensor, chunk: int = 1024) -> Tensor:
         net.train(was_training)
 
 
+_CHECKED: weakref.WeakSet[Buffer] = weakref.WeakSet()  # buffers already compared with their run's data
+
+
+def check_buffer_fits(trainer: pl.Trainer, buffer: Buffer) -> None:
+    """Warn, once per buffer, when ``method.buffer_size`` is larger than every training sample the run has.
+
+    Such a buffer never fills: the run is the one a buffer of that many samples would give, and a size chosen for
+    a bigger dataset was probably meant. (Memory is not the issue: :class:`~cl_lightning.core.buffer.Buffer`
+    allocates what it holds, not its capacity.) Called from each replay method's ``setup``, which every fit and
+    test of the run goes through.
+    """
+    if buffer in _CHECKED:
+        return
+    tasks = getattr(getattr(trainer, "datamodule", None), "tasks", None)
+    if not tasks:
+        return  # no task sequence to compare with (yet): checked at the next setup
+    _CHECKED.add(buffer)
+    n_samples = sum(len(task.train_y) for task in tasks)
+    if buffer.capacity > n_samples:
+        rank_zero_warn(
+            f"method.buffer_size={buffer.capacity} is larger than the {n_samples} training samples this run has "
+            f"({len(tasks)} tasks): the buffer can never fill, so the run is the one method.buffer_size={n_samples} "
+            "would give; set a buffer_size for this dataset"
+        )
+
+
 def per_task_quota(trainer: pl.Trainer, buffer_size: int, name: str) -> int:
     """``buffer_size // dataset.n_tasks``: the episodic memory of each task (GEM, A-GEM), refused when it is 0."""
     n_tasks = int(trainer.datamodule.n_tasks)  # type: ignore[attr-defined]
@@ -89,23 +117,32 @@ def fill_from_task(buffer: Buffer, trainer: pl.Trainer, pl_module: CLModule, tas
 class ER(CLMethod):
     """Experience replay (Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", 2019).
 
-    Each step adds the loss of a batch ``(x_b, y_b, t_b)`` of ``replay_batch_size`` samples drawn without
-    replacement from a buffer ``M``::
+    Each step draws a batch ``(x_r, y_r, t_r)`` of ``r = replay_batch_size`` samples without replacement from a
+    buffer ``M`` and trains on one cross-entropy mean over the union of the current batch (``b`` samples) and the
+    replayed one, as Chaudhry et al.'s Algorithm 1 (one SGD step on ``B ∪ B_M``), Mammoth's ``er.py`` and
+    Avalanche's replay do::
 
-        L = CE(f(x), y) + CE(mask_{t_b}(f(aug(x_b))), y_b),    (x_b, y_b, t_b) ~ M
+        L = 1/(b + r) * ( sum_{i in batch} CE_i + sum_{j in replay} CE_j ),    CE_i = CE(mask_{t_i}(f(aug(x_i))), y_i)
 
-    where ``mask`` is the scenario's training masking (in task-IL a replayed sample uses its own task's head, so
-    the true task id is stored). Replayed inputs are stored un-augmented and augmented again when replayed.
+    where ``mask`` is the scenario's training masking (``pl_module.training_logits``; in task-IL a replayed sample
+    uses its own task's head, so the true task id is stored). Replayed inputs are stored un-augmented and augmented
+    again when replayed. (Not ``CE(batch) + CE(replay)``, a sum of two means, which weights a replay step twice.)
+
+    The module owns the task loss ``CE_b`` (the current batch's mean) and adds the loss terms to it, so the union
+    mean is reached through the term ``er/replay = r/(b + r) * (CE_r - CE_b)``, with ``CE_r`` the replayed
+    batch's mean and ``CE_b`` recomputed from the module's logits with the module's masking (part of the graph,
+    not detached): ``CE_b + er/replay`` is the union mean in value and gradient (tested against a direct
+    computation). ``er/replay`` is therefore negative when the replayed samples are fitted better than the new
+    ones; the replayed batch's own mean is logged as ``train/er/replay_ce`` every ``module.log_every_n_steps``.
+    With a method that replaces the task loss (there is no ``CE_b`` to share a mean with), the term is ``CE_r``.
+    The two batches go through the network in two forward passes (the module's and the replay's), so BatchNorm
+    layers, in training mode, normalise each with its own statistics (Mammoth forwards the concatenation once).
 
     The buffer (see :mod:`cl_lightning.core.buffer`) is filled by ``selection``: ``reservoir`` (the default, as in
     Mammoth's ER) and ``class_balanced`` insert the current batch every step *after* the replay batch is drawn
     (Mammoth's order: a batch is never replayed in its own step) and run task-free (``dataset.stream=online``);
     ``herding`` and ``kcenter`` select from the finished task's training data at task end, so they need task
     boundaries (refused at setup on an online stream).
-
-    Differences from Mammoth's ``er.py``: Mammoth concatenates the two batches and takes one mean, i.e. half of the
-    loss above for equal batch sizes (equivalent to halving the learning rate); here the module owns the task loss
-    and replay adds its own mean, as in Chaudhry et al.
 
     DDP: the current batch is all-gathered before insertion and every rank inserts it with the same seeded
     generator, so buffers (and the replay batches they draw) are identical on every rank; task-end selections
@@ -135,6 +172,7 @@ class ER(CLMethod):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        check_buffer_fits(trainer, self.buffer)
         dm = getattr(trainer, "datamodule", None)
         if self.selection in TASK_END_SELECTIONS and getattr(dm, "stream", "tasks") == "online":
             raise ConfigError(
@@ -156,11 +194,32 @@ class ER(CLMethod):
         if not self.buffer.is_empty:
             replay = self.buffer.sample(self.replay_batch_size)
             out = pl_module(pl_module.prepare(replay.x, train=True), replay.task_id)
-            terms["replay"] = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
+            replay_ce = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
+            terms["replay"] = self.union_term(pl_module, batch, logits, replay_ce, len(replay.y))
+            self._log_replay_ce(pl_module, replay_ce)
         if self.selection in STREAMING_SELECTIONS:
             tid = stream_task_ids(pl_module, batch, self._task)
             self.buffer.add(*gather(pl_module.trainer, batch.x, batch.y, tid))
         return terms
+
+    @staticmethod
+    def union_term(pl_module: CLModule, batch: Batch, logits: Tensor, replay_ce: Tensor, r: int) -> Tensor:
+        """The loss term that turns the module's task loss ``CE_b`` into the mean over batch and replay.
+
+        ``r/(b + r) * (CE_r - CE_b)``: added to ``CE_b`` it gives ``(b CE_b + r CE_r) / (b + r)``, and so does its
+        gradient, since ``CE_b`` is recomputed here from the same logits with the same masking as the module's.
+        """
+        if any(m.replaces_task_loss for m in pl_module.methods):
+            return replay_ce  # no task loss to share a mean with
+        b = len(batch.y)
+        batch_ce = F.cross_entropy(pl_module.training_logits(logits, batch.task_id), batch.y)
+        return (r / (b + r)) * (replay_ce - batch_ce)
+
+    def _log_replay_ce(self, pl_module: CLModule, replay_ce: Tensor) -> None:
+        # the union term is not the replayed batch's loss: log that one too, at the module's logging interval
+        logger = pl_module.logger
+        if logger is not None and pl_module.global_step % pl_module.log_every_n_steps == 0:
+            logger.log_metrics({f"train/{self.name}/replay_ce": float(replay_ce.detach())}, step=pl_module.global_step)
 
     @override
     def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:

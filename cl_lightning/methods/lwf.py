@@ -32,7 +32,17 @@ class LwF(CLMethod):
     (Li & Hoiem's one loss per old task, summed); in class-IL one group of all classes seen before task ``t``; in
     domain-IL the shared head. ``T`` is the temperature (Li & Hoiem and van de Ven & Tolias use 2) and the ``T^2``
     factor (Hinton et al. 2015) keeps the soft targets' gradient scale independent of ``T``; see
-    :func:`~cl_lightning.core.distill.distillation_loss`. The term is ``lwf/distill``.
+    :func:`~cl_lightning.core.distill.distillation_loss`. The term is ``lwf/distill``, the whole product
+    ``alpha * T^2 * sum_g KL`` (batch mean).
+
+    **What** ``alpha`` **multiplies**: the ``T^2``-scaled loss, not Li & Hoiem's. Their objective is
+    ``L_new + lambda_o * L_old`` with ``L_old`` the temperature-``T`` cross-entropy to the old network's soft outputs
+    and no ``T^2`` factor; ``KL`` differs from that cross-entropy by the teacher's entropy, a constant, so the
+    gradients are those of ``lambda_o = alpha * T^2``: the default ``alpha = 1`` at ``T = 2`` is ``lambda_o = 4``,
+    and Li & Hoiem's ``lambda_o = 1`` is ``alpha = 1 / T^2 = 0.25``. (``alpha = 1`` is Hinton et al.'s scaling of a
+    distillation term with weight 1, as in van de Ven & Tolias's code, whose distillation loss carries the ``T^2``
+    too; they weight the two losses by the number of tasks seen instead of by a constant.) Changing ``T`` with
+    ``alpha`` fixed keeps the distillation gradient's scale; changing it with ``lambda_o`` fixed would not.
 
     The teacher sees the batch un-augmented (``prepare(x, train=False)``), like Li & Hoiem, who record the old
     network's responses on the new task's images once before training; the student's logits are the module's, on
@@ -46,7 +56,8 @@ class LwF(CLMethod):
     is local to each rank's batch like the task loss.
 
     Args:
-        alpha: Weight ``alpha >= 0`` of the distillation loss (Li & Hoiem's ``lambda_o``).
+        alpha: Weight ``alpha >= 0`` of the ``T^2``-scaled distillation loss ``T^2 * sum_g KL``; Li & Hoiem's
+            ``lambda_o`` is ``alpha * T^2`` (see above).
         temperature: ``T > 0``.
     """
 

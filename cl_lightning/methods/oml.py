@@ -15,7 +15,7 @@ from cl_lightning.core.meta import MetaBatch, meta_loss
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.der import check_weight
-from cl_lightning.methods.er import check_int, gather, stream_task_ids
+from cl_lightning.methods.er import check_buffer_fits, check_int, gather, stream_task_ids
 from cl_lightning.models.backbones import routes_by_task
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class OML(CLMethod):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        check_buffer_fits(trainer, self.buffer)
         if self.adapt == "head":
             names = {n for n, p in pl_module.net.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
             self._adapted = {n for n in names if n.startswith("head.")}

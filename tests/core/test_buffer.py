@@ -81,7 +81,7 @@ def test_logits_slot_is_allocated_on_first_insert_with_logits() -> None:
     x, y, t = _stream(3, 3)
     z = torch.randn(3, 4)
     buf.add(x, y, t, logits=z)
-    assert buf.logits is not None and buf.logits.shape == (8, 4)
+    assert buf.logits is not None and buf.logits.shape == (buf.rows, 4) and buf.rows >= 6  # a row per slot so far
     assert torch.equal(buf.logits[3:6], z) and torch.equal(buf.logits[:3], torch.zeros(3, 4))
     s = buf.sample(8)
     assert torch.equal(s.logits, buf.logits[s.slots])
@@ -251,3 +251,61 @@ def test_moves_to_the_device_of_the_inserted_batch() -> None:
     buf = Buffer(4).to("meta")
     buf.add(*_stream(2))
     assert buf.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "class_balanced", "herding", "random"])
+def test_memory_follows_what_the_buffer_holds_not_its_capacity(selection: str) -> None:
+    """A buffer larger than its stream allocates rows for what it holds (growing by doubling, so at most twice that),
+    not for its capacity: a checkpoint of a 1,000,000-slot buffer that saw 300 samples is a few hundred rows, not a
+    million. A full buffer has exactly ``capacity`` rows."""
+    big = Buffer(1_000_000, selection=selection, seed=0)
+    x = torch.randint(0, 255, (100, 1, 3, 3), dtype=torch.uint8)
+    for task in range(3):
+        if selection in ("reservoir", "class_balanced"):
+            for part in range(0, 100, 16):
+                big.add(x[part : part + 16], torch.arange(part, min(part + 16, 100)) % 4, task)
+        else:
+            big.add_task(x, torch.arange(100) % 4, task, features=x.flatten(1).float())
+    assert len(big) == 300
+    state = big.state_dict()
+    for name in ("x", "y", "task_id", "group", "rank"):
+        if name in state:
+            assert 300 <= state[name].shape[0] <= 600, (name, state[name].shape)
+    full = Buffer(10, selection=selection, seed=0)
+    if selection in ("reservoir", "class_balanced"):
+        full.add(x[:50], torch.arange(50) % 4, 0)
+    else:
+        full.add_task(x, torch.arange(100) % 5, 0, features=x.flatten(1).float())  # herding: 5 classes of 2
+    assert len(full) == 10 and full.rows == full.x.shape[0] == 10
+
+
+@pytest.mark.parametrize("selection", ["reservoir", "class_balanced", "kcenter"])
+def test_state_round_trip_while_growing_continues_identically(selection: str) -> None:
+    # saved while the rows are still growing: the restored buffer grows exactly as the original
+    gen = torch.Generator().manual_seed(0)
+
+    def step(buf: Buffer, k: int) -> None:
+        x = torch.randint(0, 255, (7, 1, 2, 2), dtype=torch.uint8, generator=gen)
+        if selection == "kcenter":
+            buf.add_task(x, torch.arange(7) % 3, k, features=x.flatten(1).float())
+        else:
+            buf.add(x, torch.arange(7) % 3, k, logits=torch.randn(7, 3, generator=gen))
+
+    original = Buffer(1000, selection=selection, seed=3)
+    for k in range(3):
+        step(original, k)
+    blob = io.BytesIO()
+    torch.save(original.state_dict(), blob)
+    blob.seek(0)
+    restored = Buffer(1000, selection=selection, seed=99)
+    restored.load_state_dict(torch.load(blob, weights_only=True))
+    gen_state = gen.get_state()
+    for k in range(3, 8):
+        step(original, k)
+    gen.set_state(gen_state)
+    for k in range(3, 8):
+        step(restored, k)
+    for name in ("x", "y", "task_id", "logits", "group", "rank"):
+        a, b = getattr(original, name), getattr(restored, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert original.size == restored.size == 56 and original.x.shape[0] < 1000

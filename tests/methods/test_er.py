@@ -18,7 +18,7 @@ from cl_lightning.errors import ConfigError
 from cl_lightning.methods.er import ER
 from cl_lightning.train import train
 
-SMALL = ["method=er", "method.buffer_size=50", "method.replay_batch_size=16", "logger=none"]
+SMALL = ["method=er", "method.buffer_size=50", "method.replay_batch_size=32", "logger=none"]
 
 
 def test_config_instantiates(make_cfg) -> None:
@@ -105,7 +105,7 @@ def test_state_round_trip(make_cfg, selection: str) -> None:
     train(cfg)
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     state = ckpt["callbacks"]["ER[er]"]
-    fresh = ER(50, 16, selection)
+    fresh = ER(50, 32, selection)
     fresh.load_state_dict(state)
     again = fresh.state_dict()
     assert again.keys() == state.keys() and again["filled"] == state["filled"]
@@ -159,3 +159,94 @@ def assert_mid_task_resume(tmp_path: Path, run: list[str]) -> tuple[dict, dict, 
     assert got["complete"] and got["acc_matrix"] == expected["acc_matrix"], "bit-identical on CPU"
     load = lambda d: torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)  # noqa: E731
     return got, load(run_dir), load(whole_dir)
+
+
+@pytest.mark.parametrize("scenario", ["class_il", "task_il"])
+def test_loss_is_one_mean_over_the_union_of_batch_and_replay(make_cfg, monkeypatch, scenario: str) -> None:
+    """Chaudhry et al. (2019, Alg. 1), Mammoth and Avalanche take one cross-entropy mean over the current batch and
+    the replayed batch together, not the sum of the two means (which doubles the step on replay steps). The loss the
+    module backpropagates must have the union mean's value and gradient, with replay and batch of different sizes
+    (16 and 5) and each sample masked by the scenario."""
+    import torch.nn.functional as F
+
+    from cl_lightning.models.module import CLModule
+
+    drawn: list = []
+    sample = Buffer.sample
+
+    def recording_sample(self, n, generator=None):
+        out = sample(self, n, generator)
+        drawn.append(out)
+        return out
+
+    checked: list[float] = []
+    step = CLModule.training_step
+
+    def checking_step(self, batch, batch_idx):
+        drawn.clear()
+        loss = step(self, batch, batch_idx)
+        if drawn and len(checked) < 4 and int(self.current_task) >= 1:
+            (replay,) = drawn
+            assert len(replay.y) == 5 and len(batch.y) == 16
+            params = [p for p in self.net.parameters() if p.requires_grad]
+            got = torch.autograd.grad(loss, params, retain_graph=True)
+            x = torch.cat([self.prepare(batch.x, train=True), self.prepare(replay.x, train=True)])
+            tid, y = torch.cat([batch.task_id, replay.task_id]), torch.cat([batch.y, replay.y])
+            union = F.cross_entropy(self.training_logits(self(x, tid), tid), y)
+            want = torch.autograd.grad(union, params)
+            assert float(loss.detach()) == pytest.approx(float(union.detach()), rel=1e-5, abs=1e-6)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+            checked.append(float(union.detach()))
+        return loss
+
+    monkeypatch.setattr(Buffer, "sample", recording_sample)
+    monkeypatch.setattr(CLModule, "training_step", checking_step)
+    run = ["method=er", "method.buffer_size=50", "method.replay_batch_size=5", "logger=none", "max_tasks=2"]
+    train(make_cfg(*run, f"dataset.scenario={scenario}"))
+    assert len(checked) == 4
+
+
+@pytest.mark.parametrize("method", ["er", "der", "derpp", "gem", "agem", "oml"])
+def test_a_buffer_larger_than_the_data_is_reported_once(make_cfg, method: str) -> None:
+    """The blobs have 5 tasks of 80 training samples: a buffer of 100,000 can never fill. The run says so once, with
+    both numbers, and its checkpoint holds rows for what the buffer stores, not 100,000."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = make_cfg(f"method={method}", "method.buffer_size=100000", "logger=none", "max_tasks=2")
+        train(cfg)
+    said = [str(w.message) for w in caught if "method.buffer_size=100000" in str(w.message)]
+    assert len(said) == 1, said
+    assert "400 training samples" in said[0], said[0]
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (buffer,) = [s["buffer"] for s in state.values() if "buffer" in s]
+    assert buffer["capacity"] == 100000 and buffer["x"].shape[0] <= 2 * max(buffer["size"], 128)
+
+
+def test_a_buffer_that_fits_the_data_is_not_reported(make_cfg) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(make_cfg("method=er", "method.buffer_size=400", "logger=none", "max_tasks=1"))
+    assert not [w for w in caught if "buffer_size" in str(w.message)]
+
+
+def test_with_a_method_that_replaces_the_task_loss_the_term_is_the_replay_mean() -> None:
+    from types import SimpleNamespace
+
+    from helpers.hooks import OwnObjective
+
+    from cl_lightning.data.batch import Batch
+
+    logits, y = torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    batch = Batch(torch.zeros(4, 1), y, torch.full((4,), -1), torch.arange(4))
+    replay_ce = torch.tensor(0.7)
+    alone = SimpleNamespace(methods=[], training_logits=lambda z, t: z)
+    union = ER.union_term(alone, batch, logits, replay_ce, 2)  # type: ignore[arg-type]
+    ce_b = torch.nn.functional.cross_entropy(logits, y)
+    torch.testing.assert_close(ce_b + union, (4 * ce_b + 2 * replay_ce) / 6)
+    owner = SimpleNamespace(methods=[OwnObjective()], training_logits=lambda z, t: z)
+    assert ER.union_term(owner, batch, logits, replay_ce, 2) is replay_ce  # type: ignore[arg-type]

@@ -27,10 +27,11 @@ def net_params(ckpt: dict) -> dict[str, torch.Tensor]:
     return {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
-def test_config_instantiates_with_van_de_ven_defaults(make_cfg) -> None:
+def test_config_instantiates_with_an_sgd_stable_default(make_cfg) -> None:
     method = instantiate(make_cfg("method=ewc").method)
     assert isinstance(method, EWC) and method.name == "ewc"
-    assert method.lambda_ == 1e7 and method.fisher == "exact" and method.fisher_samples == 200
+    assert method.strength.auto and method.lambda_ == EWC.AUTO_LAMBDA == 100.0  # see tests/methods/test_strength.py
+    assert method.fisher == "exact" and method.fisher_samples == 200
     assert method.needs_task_boundaries and method.gradient_edit is None
 
 
@@ -136,6 +137,7 @@ def test_state_round_trips_through_a_weights_only_checkpoint(make_cfg) -> None:
     fresh = EWC(lambda_=10.0)
     fresh.load_state_dict(state)
     again = fresh.state_dict()
+    state = checkpoint(cfg)["callbacks"]["EWC[ewc]"]  # an independent load: `again` shares the loaded tensors
     assert again["consolidated"] == 1
     for key in ("fishers", "anchors"):
         for a, b in zip(again[key], state[key], strict=True):

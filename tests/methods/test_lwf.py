@@ -87,18 +87,31 @@ def test_distillation_keeps_old_outputs_close_to_the_teacher(make_cfg, scenario:
     assert lwf_gap < 0.2 * naive_gap, (float(lwf_gap), float(naive_gap))
 
 
-def test_distillation_is_zero_at_the_start_of_the_next_task(make_cfg) -> None:
-    cfg = make_cfg(*QUICK, "max_tasks=1", "dataset.scenario=task_il")
-    train(cfg)
-    ckpt = checkpoint(cfg)
-    lwf = LwF(alpha=1.0)
-    lwf.load_state_dict(ckpt["callbacks"]["LwF[lwf]"])
-    net = net_from(ckpt["state_dict"])
-    lwf.teacher = net_from(ckpt["callbacks"]["LwF[lwf]"]["teacher"], prefix="")
-    x = torch.rand(8, 1, 4, 4)
-    loss = distillation_loss(net(x), lwf.teacher(x), torch.tensor([[0, 1]]), 2.0)
-    assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    assert all(not p.requires_grad for p in LwF._freeze(net).parameters()) and not net.training
+@pytest.mark.parametrize("scenario", ["task_il", "class_il"])
+def test_distillation_is_zero_at_the_start_of_the_next_task(make_cfg, monkeypatch, scenario: str) -> None:
+    """The term LwF adds in training is zero at the first step of the next task (the teacher is the network as it
+    ended the task, frozen, in eval mode, on the same inputs) and grows as the network moves away from it (the
+    teacher is a copy, not the network itself, whose distillation would always be zero)."""
+    seen: list[tuple[int, float]] = []
+    teachers: list[tuple[object, object]] = []
+    loss_terms = LwF.loss_terms
+
+    def recording(self, pl_module, batch, logits):
+        terms = loss_terms(self, pl_module, batch, logits)
+        if "distill" in terms:
+            seen.append((int(pl_module.current_task), float(terms["distill"].detach())))
+            teachers.append((self.teacher, pl_module.net))
+        return terms
+
+    monkeypatch.setattr(LwF, "loss_terms", recording)
+    train(make_cfg(*QUICK, "max_tasks=2", f"dataset.scenario={scenario}"))
+    assert seen and {task for task, _ in seen} == {1}, "distillation only once there is a teacher"
+    assert seen[0][1] == pytest.approx(0.0, abs=1e-7)
+    assert max(value for _, value in seen) > 1e-6, "the network moves away from the teacher while learning task 1"
+    teacher, student = teachers[-1]
+    assert teacher is not student and not teacher.training  # type: ignore[attr-defined]
+    student_storage = {p.data_ptr() for p in student.parameters()}  # type: ignore[attr-defined]
+    assert all(not p.requires_grad and p.data_ptr() not in student_storage for p in teacher.parameters())  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

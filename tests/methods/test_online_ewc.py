@@ -21,10 +21,10 @@ def checkpoint(cfg) -> dict:
     return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def test_config_instantiates_with_van_de_ven_defaults(make_cfg) -> None:
+def test_config_instantiates_with_an_sgd_stable_default(make_cfg) -> None:
     method = instantiate(make_cfg("method=online_ewc").method)
     assert isinstance(method, OnlineEWC) and method.name == "online_ewc"
-    assert method.gamma == 0.8 and method.lambda_ == pytest.approx(8e7) and method.fisher == "exact"
+    assert method.gamma == 0.8 and method.strength.auto and method.lambda_ == 100.0 and method.fisher == "exact"
 
 
 @pytest.mark.parametrize("gamma", ["-0.1", "1.5"])
@@ -77,8 +77,11 @@ def test_state_round_trip(make_cfg) -> None:
     fresh = OnlineEWC(lambda_=10.0)
     fresh.load_state_dict(state)
     again = fresh.state_dict()
+    state = checkpoint(cfg)["callbacks"]["OnlineEWC[online_ewc]"]  # independent load: `again` shares the loaded tensors
     assert again["consolidated"] == 1
-    assert all(torch.equal(again["fishers"][0][n], v) for n, v in state["fishers"][0].items())
+    for key in ("fishers", "anchors"):
+        assert len(again[key]) == len(state[key]) == 1 and again[key][0].keys() == state[key][0].keys()
+        assert all(torch.equal(again[key][0][n], v) for n, v in state[key][0].items())
 
 
 def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
