@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.contract import CLMethod, check_combination
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError
-from cl_lightning.contract import CLMethod, check_combination
 from cl_lightning.models.module import CLModule
 
 log = logging.getLogger("cl_lightning")
@@ -188,9 +188,8 @@ def build_run(
 ) -> tuple[CLModule, TaskSequenceDataModule, list[CLMethod], pl.Trainer, int]:
     """The module, the datamodule, the methods and the trainer of ``cfg``; and the epochs of each task."""
     methods = build_methods(cfg)
-    dm: TaskSequenceDataModule = instantiate_node(
-        cfg.dataset, "dataset", cumulative=any(m.cumulative_data for m in methods)
-    )
+    dm: TaskSequenceDataModule = instantiate_node(cfg.dataset, "dataset")
+    dm.training_tasks = lambda t: sorted({i for m in methods for i in m.training_tasks(t)})
     dm.setup("fit")
     net = build_model(cfg, dm)
     module = CLModule(
@@ -207,7 +206,7 @@ def build_run(
     )
     logger = instantiate_node(cfg.logger, "logger") if cfg.get("logger") else False
     # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
-    epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs_per_task for m in methods)
+    epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs() for m in methods)
     callbacks: list[pl.Callback] = [*methods]
     # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()

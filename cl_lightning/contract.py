@@ -12,7 +12,7 @@ A method changes training through three doors only (``CONVENTIONS.md``, rule 3):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,23 +37,19 @@ class CLMethod(pl.Callback):
         name: The method's name, as in ``conf/method/<name>.yaml`` and ``results.json``.
         supported_scenarios: Scenarios the method is defined for.
         needs_task_boundaries: The method acts at task boundaries and cannot run on an online stream.
-        cumulative_data: The method trains on the union of all tasks seen so far (joint training).
         gradient_edit: What the method does to gradients in ``on_before_optimizer_step`` (e.g. ``"projection"``,
             ``"mask"``), or ``None``. Two methods that both edit gradients cannot be combined: the second would undo
             the guarantee of the first.
-        replaces_task_loss: The method's loss terms are the whole objective: the module does not add the plain
-            cross-entropy of the current batch (it still logs it). At most one method in a combination may do so.
-        extra_epochs_per_task: Epochs the method trains after the ``epochs_per_task`` of each task (PackNet's
-            retraining after pruning); an instance attribute, read when the run is built.
+
+    Three hooks let the one method that needs them change what the run does, with defaults that change nothing:
+    :meth:`training_tasks` (joint training's union of tasks), :meth:`extra_epochs` (PackNet's retraining) and
+    :meth:`replaces_task_loss` (online meta-learning's outer objective).
     """
 
     name: ClassVar[str] = "method"
     supported_scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     needs_task_boundaries: ClassVar[bool] = False
-    cumulative_data: ClassVar[bool] = False
     gradient_edit: ClassVar[str | None] = None
-    replaces_task_loss: ClassVar[bool] = False
-    extra_epochs_per_task: int = 0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -76,6 +72,25 @@ class CLMethod(pl.Callback):
     @override
     def state_key(self) -> str:
         return f"{type(self).__qualname__}[{self.name}]"
+
+    def training_tasks(self, task_id: int) -> Sequence[int]:
+        """The tasks whose training data the run trains on while it learns ``task_id`` (default: that task alone).
+
+        Joint training returns every task seen so far. With several methods the run trains on the union.
+        """
+        return (task_id,)
+
+    def extra_epochs(self) -> int:
+        """Epochs the run trains after each task's ``epochs_per_task`` (PackNet's retraining after pruning).
+
+        Read once, when the run is built; with several methods the run takes the largest.
+        """
+        return 0
+
+    def replaces_task_loss(self) -> bool:
+        """Whether this method's loss terms are the whole objective, so the module does not add the plain
+        cross-entropy of the current batch (it still logs it). At most one method in a combination may do so."""
+        return False
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         """Called once when training on ``task_id`` begins.
@@ -135,7 +150,7 @@ def check_combination(methods: list[CLMethod]) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"method {duplicates[0]} is listed twice; each method may appear once in a combination")
-    owners = [m.name for m in methods if m.replaces_task_loss]
+    owners = [m.name for m in methods if m.replaces_task_loss()]
     if len(owners) > 1:
         raise ConfigError(
             f"methods {' and '.join(owners)} both replace the task loss with their own objective and cannot be "

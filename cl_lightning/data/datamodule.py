@@ -113,6 +113,9 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.mean = None if mean is None else torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
         self.cumulative, self.max_samples_per_task = cumulative, max_samples_per_task
+        # set by the run from its methods' ``training_tasks`` hooks: task -> the tasks it trains on (overrides
+        # ``cumulative``)
+        self.training_tasks: Callable[[int], Sequence[int]] | None = None
         self.tasks: list[Task] = []
         self.n_outputs = 0
         self.input_shape: tuple[int, ...] = ()
@@ -205,7 +208,10 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             x, y, tid = x[sl], y[sl], tid[sl]
             index = torch.arange(start, start + sizes[t])
         else:
-            seen = self.tasks[: t + 1] if self.cumulative else [self.tasks[t]]
+            if self.training_tasks is not None:
+                seen = [self.tasks[i] for i in self.training_tasks(t)]
+            else:
+                seen = self.tasks[: t + 1] if self.cumulative else [self.tasks[t]]
             x = torch.cat([s.train_x for s in seen]) if len(seen) > 1 else seen[0].train_x
             y = torch.cat([s.train_y for s in seen]) if len(seen) > 1 else seen[0].train_y
             tid = torch.cat([torch.full((len(s.train_y),), s.task_id) for s in seen])

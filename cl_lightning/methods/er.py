@@ -209,7 +209,7 @@ class ER(CLMethod):
         ``r/(b + r) * (CE_r - CE_b)``: added to ``CE_b`` it gives ``(b CE_b + r CE_r) / (b + r)``, and so does its
         gradient, since ``CE_b`` is recomputed here from the same logits with the same masking as the module's.
         """
-        if any(m.replaces_task_loss for m in pl_module.methods):
+        if any(m.replaces_task_loss() for m in pl_module.methods):
             return replay_ce  # no task loss to share a mean with
         b = len(batch.y)
         batch_ce = F.cross_entropy(pl_module.training_logits(logits, batch.task_id), batch.y)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
+
+from typing_extensions import override
 
 from cl_lightning.methods.base import CLMethod
 
@@ -17,4 +20,7 @@ class Joint(CLMethod):
 
     name: ClassVar[str] = "joint"
     needs_task_boundaries: ClassVar[bool] = True
-    cumulative_data: ClassVar[bool] = True
+
+    @override
+    def training_tasks(self, task_id: int) -> Sequence[int]:
+        return range(task_id + 1)

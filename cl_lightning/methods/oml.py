@@ -36,7 +36,7 @@ class OML(CLMethod):
         theta_i = theta_{i-1} - inner_lr * grad l(theta_{i-1}; b_i),    i = 1 .. k
         L(theta_0) = CE(mask(f_{theta_k}(b_m)), y_m)
 
-    ``L`` is the whole objective (``replaces_task_loss``); the module's optimizer takes the outer step on
+    ``L`` is the whole objective (:meth:`replaces_task_loss`); the module's optimizer takes the outer step on
     ``dL/dtheta_0`` with ``optimizer.lr`` (Gupta et al.'s ``beta``; plain SGD in the paper). The meta-gradient
     is second order (through the inner gradients) or, with ``first_order``, ``grad L(theta_k)`` (FOMAML); see
     :mod:`cl_lightning.core.meta`. For one step, ``L(theta_0) ~ L_m(theta_0) - inner_lr * <grad L_m, grad l_b>`` to
@@ -86,7 +86,10 @@ class OML(CLMethod):
     """
 
     name: ClassVar[str] = "oml"
-    replaces_task_loss: ClassVar[bool] = True
+
+    @override
+    def replaces_task_loss(self) -> bool:
+        return True  # the outer loss over the batch and the replay is the whole objective
 
     def __init__(
         self,

@@ -80,7 +80,6 @@ class PackNet(CLMethod):
             raise ConfigError(f"method.retrain_epochs={retrain_epochs!r}: must be an integer >= 0")
         self.prune_ratio = float(prune_ratio)
         self.retrain_epochs = retrain_epochs
-        self.extra_epochs_per_task = retrain_epochs
         self.owners: dict[str, Tensor] = {}  # owner map of every prunable weight and head parameter, by name
         self.prunable: list[str] = []
         self.pruned_task = -1  # the last task whose free weights were pruned
@@ -90,6 +89,10 @@ class PackNet(CLMethod):
         self._masks: dict[str, Tensor | bool] = {}
         self._frozen: dict[str, Tensor] = {}
         self._norms: list[nn.Module] = []
+
+    @override
+    def extra_epochs(self) -> int:
+        return self.retrain_epochs  # each task retrains its kept weights after pruning
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from cl_lightning.contract import CLMethod
 from cl_lightning.data.batch import Batch
 from cl_lightning.errors import ConfigError, DivergenceError
-from cl_lightning.contract import CLMethod
 from cl_lightning.metrics import AccuracyMatrix
 from cl_lightning.models.backbones import net_logits
 
@@ -163,7 +163,7 @@ class CLModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # every fit and every test (the initial evaluation comes before any fit)
         self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
-        self._replaces_task_loss = any(m.replaces_task_loss for m in self._methods)
+        self._replaces_task_loss = any(m.replaces_task_loss() for m in self._methods)
 
     @override
     def on_train_start(self) -> None:

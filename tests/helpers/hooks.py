@@ -52,7 +52,8 @@ class OwnObjective(CLMethod):
     """Replaces the task loss with a constant-gradient objective: training must then ignore the labels."""
 
     name: ClassVar[str] = "own_objective"
-    replaces_task_loss: ClassVar[bool] = True
+    def replaces_task_loss(self) -> bool:
+        return True
 
     def loss_terms(self, pl_module: Any, batch: Any, logits: Tensor) -> dict[str, Tensor]:
         return {"zero": 0.0 * logits.sum()}
@@ -83,8 +84,10 @@ class ExtraEpochs(CLMethod):
     name: ClassVar[str] = "extra_epochs"
 
     def __init__(self) -> None:
-        self.extra_epochs_per_task = 2
         self.epochs: dict[int, int] = {}
+
+    def extra_epochs(self) -> int:
+        return 2
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         t = int(pl_module.current_task)

@@ -20,7 +20,7 @@ ONLINE = ["dataset.stream=online", "epochs_per_task=1"]
 
 def test_config_instantiates(make_cfg) -> None:
     method = instantiate(make_cfg("method=oml").method)
-    assert isinstance(method, OML) and method.name == "oml" and method.replaces_task_loss
+    assert isinstance(method, OML) and method.name == "oml" and method.replaces_task_loss()
     assert (method.inner_steps, method.inner_lr, method.first_order) == (5, 0.1, False)
     assert (method.adapt, method.inner_batch, method.replay_batch_size) == ("all", "split", 10)
     assert method.buffer.capacity == 200 and method.buffer.selection == "reservoir"

@@ -58,7 +58,7 @@ def cli(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_config_instantiates(make_cfg) -> None:
     method = instantiate(make_cfg("method=packnet").method)
     assert isinstance(method, PackNet) and method.name == "packnet" and method.gradient_edit == "mask"
-    assert method.prune_ratio == 0.8 and method.retrain_epochs == 1 and method.extra_epochs_per_task == 1
+    assert method.prune_ratio == 0.8 and method.retrain_epochs == 1 and method.extra_epochs() == 1
 
 
 @pytest.mark.parametrize(
