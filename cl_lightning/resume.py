@@ -15,9 +15,9 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cl_lightning.contract import CLMethod
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.errors import RunDirectoryError
-from cl_lightning.contract import CLMethod
 from cl_lightning.models.module import CLModule
 from cl_lightning.run_dir import RESULTS_FILE
 

@@ -16,10 +16,10 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from cl_lightning.contract import CLMethod
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.errors import DivergenceError
 from cl_lightning.loggers import SequenceTensorBoardLogger
-from cl_lightning.contract import CLMethod
 from cl_lightning.models.module import CLModule
 from cl_lightning.reporting import log_hparams, log_task, print_summary
 from cl_lightning.results import build_results, format_summary, library_versions, write_json_atomic
