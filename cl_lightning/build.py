@@ -224,6 +224,9 @@ def build_run(
     if cfg.get("eval_every_n_steps"):
         callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
     callbacks += [instantiate_node(node, f"callbacks.{k}") for k, node in (cfg.get("callbacks") or {}).items()]
+    # Lightning's notices (available devices, tips, "`Trainer.fit` stopped" after every task's fit) are noise here:
+    # the run prints its own summary; its warnings still show
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer: pl.Trainer = instantiate_node(
         cfg.trainer, "trainer", callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,
         enable_checkpointing=bool(every),

@@ -54,8 +54,6 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
     module, dm, methods, trainer = run.module, run.datamodule, run.methods, run.trainer
     run_dir = Path(cfg.paths.output_dir)
     name = "+".join(m.name for m in methods)
-    # One fit per task: Lightning's per-fit notices ("`Trainer.fit` stopped", tips) would repeat T times.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     config.pop("resume", None)
