@@ -1,6 +1,6 @@
-"""``python -m cl_lightning``: see :func:`cl_lightning.train.main`."""
+"""``python -m cl_lightning``: see :mod:`cl_lightning.cli`."""
 
-from cl_lightning.train import main
+from cl_lightning.cli import main
 
 if __name__ == "__main__":
     main()

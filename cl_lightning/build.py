@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.cli import CONFIG_DIR
 from cl_lightning.contract import CLMethod, check_combination
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.data.sources import DatasetNotFoundError
@@ -35,9 +36,6 @@ from cl_lightning.models.module import CLModule
 log = logging.getLogger("cl_lightning")
 
 SUMMARY_METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc")
-# The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
-# `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # module.* keys the run passes itself (the rest of CLModule's arguments are the config's)
 _MODULE_ARGS_FROM_RUN = {"net", "optimizer", "scenario", "task_outputs", "n_outputs", "scheduler",
                          "hide_task_boundaries", "preprocess", "augments"}  # fmt: skip

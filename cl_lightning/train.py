@@ -17,15 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cl_lightning.build import CONFIG_DIR, build_run, validate_config
-from cl_lightning.config_resolvers import register_resolvers
+from cl_lightning.build import build_run, validate_config
+from cl_lightning.cli import CONFIG_DIR, main
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, DivergenceError, RunDirectoryError
 from cl_lightning.results import write_json_atomic
@@ -33,13 +32,12 @@ from cl_lightning.resume import prepare_resume
 from cl_lightning.run_dir import FAILED_FILE, RunDirectory, launch_rank
 from cl_lightning.task_loop import Run, RunInterrupted, run_tasks
 
-__all__ = ["CONFIG_DIR", "Run", "RunInterrupted", "main", "train"]
+__all__ = ["CONFIG_DIR", "Run", "RunInterrupted", "main", "run_command", "train"]
 
 log = logging.getLogger("cl_lightning")
 # Lightning 2.6 calls a pytree API that torch 2.14 deprecates; harmless, and printed once per fit otherwise.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
 REFUSALS = (ConfigError, RunDirectoryError, DatasetNotFoundError)
-register_resolvers()  # `${cl.case:...}` in the presets; at import, so `--cfg job --resolve` and job processes have it
 
 
 def _command_overrides() -> list[str] | None:
@@ -84,11 +82,12 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run_dir.release()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Command line: ``python -m cl_lightning [group=option ...] [key=value ...]`` (``-m`` sweeps).
+def run_command(cfg: DictConfig) -> float | None:
+    """What ``python -m cl_lightning`` runs (:func:`cl_lightning.cli.main`): :func:`train`, with errors for people.
 
-    Returns ``results[optimized_metric]`` when ``optimized_metric`` is set, for Hydra's Optuna sweeper.
+    Refused configurations exit 2 with one ``error:`` line, a diverged run exits 3, Ctrl-C exits 130 saying how to
+    resume; in a sweep a failed job leaves ``failed.json`` and the sweep goes on. Returns
+    ``results[optimized_metric]`` when ``optimized_metric`` is set, for Hydra's Optuna sweeper.
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     metric = cfg.get("optimized_metric")
