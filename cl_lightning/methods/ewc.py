@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
@@ -10,81 +9,19 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.importance import (
-    FISHER_MODES,
-    diagonal_fisher,
-    merge_quadratics,
-    quadratic_penalty,
-    trainable_parameters,
-)
+from cl_lightning.core.importance import FISHER_MODES, diagonal_fisher
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.strength import AUTO, Strength, task_follows, warn_if_stiff
+from cl_lightning.methods.regularizer import QuadraticRegularizer, scenario_outputs, task_importance
+from cl_lightning.methods.strength import AUTO
+from cl_lightning.validation import check_choice, check_int, check_optional_int
 
 if TYPE_CHECKING:
-    from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
-# stored samples prepared (uint8 -> float on the device) per block when estimating an importance
-_BLOCK = 512
-
-__all__ = [
-    "EWC",
-    "check_chunk",
-    "check_number",
-    "check_samples",
-    "scenario_outputs",
-    "task_importance",
-    "warn_if_stiff",
-]
+__all__ = ["EWC", "check_number"]
 
 
-def scenario_outputs(pl_module: CLModule, task_id: int) -> Tensor:
-    """Logit indices a training sample of ``task_id`` may use, by the module's own masking
-    (``training_logits``): the task's head in task-IL, the classes seen so far in class-IL, all in domain-IL."""
-    tid = task_id if pl_module.scenario == "task_il" else -1
-    probe = torch.zeros(1, pl_module.output_masks.shape[1], device=pl_module.device)
-    masked = pl_module.training_logits(probe, torch.full((1,), tid, dtype=torch.long, device=pl_module.device))
-    return torch.isfinite(masked[0]).nonzero().squeeze(1)
-
-
-def task_importance(
-    trainer: pl.Trainer,
-    pl_module: CLModule,
-    task_id: int,
-    n_samples: int | None,
-    compute: Callable[[Tensor, Tensor, torch.Generator], dict[str, Tensor]],
-) -> dict[str, Tensor]:
-    """Mean of a per-sample importance over ``n_samples`` training samples of ``task_id`` (all if ``None``).
-
-    The samples are drawn without replacement by a generator seeded from the datamodule's seed and the task (the
-    global RNG, which drives training, is untouched, so adding EWC does not change the data order). Under DDP every
-    rank draws the same samples, computes the sum over its share (every ``world_size``-th) and the sums are
-    all-reduced in one collective (``trainer.strategy.reduce``; a no-op on one process), so every rank holds the
-    same importance. ``compute(x, y, generator)`` returns per-parameter sums over a block of prepared inputs.
-    """
-    task = trainer.datamodule.tasks[task_id]  # type: ignore[attr-defined]
-    n_total = len(task.train_y)
-    n = n_total if n_samples is None else min(n_samples, n_total)
-    seed = int(getattr(trainer.datamodule, "seed", 0))  # type: ignore[attr-defined]
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (task_id + 1))
-    chosen = torch.randperm(n_total, generator=gen)[:n].sort().values
-    mine = chosen[trainer.global_rank :: trainer.world_size]
-    params = trainable_parameters(pl_module.net)
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    for block in mine.split(_BLOCK):
-        x = pl_module.prepare(task.train_x[block].to(pl_module.device), train=False)
-        part = compute(x, task.train_y[block].to(pl_module.device), gen)
-        for name, value in part.items():
-            sums[name] += value
-    flat = torch.cat([v.reshape(-1) for v in sums.values()])
-    flat = trainer.strategy.reduce(flat, reduce_op="sum") / max(n, 1)
-    return {
-        name: chunk.view_as(p).to(p.dtype)
-        for (name, p), chunk in zip(params.items(), flat.split([p.numel() for p in params.values()]), strict=True)
-    }
-
-
+# kept for dgr.py until it imports cl_lightning.validation
 def check_number(key: str, value: Any, minimum: float = 0.0) -> float:
     """A finite number >= ``minimum`` from the config, or a one-line :class:`ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value < float("inf"):
@@ -92,21 +29,7 @@ def check_number(key: str, value: Any, minimum: float = 0.0) -> float:
     return float(value)
 
 
-def check_samples(key: str, value: Any) -> int | None:
-    """A number of samples (``None``: all of them), or a one-line :class:`ConfigError`."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{key}={value!r}: must be an integer >= 1, or null for the whole task")
-    return value
-
-
-def check_chunk(key: str, value: Any) -> int:
-    """A positive integer, or a one-line :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key}={value!r}: must be an integer >= 1")
-    return value
-
-
-class EWC(CLMethod):
+class EWC(QuadraticRegularizer):
     """Elastic Weight Consolidation (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks",
     PNAS 2017), with one penalty per old task (Kirkpatrick et al.'s reply to Huszár, PNAS 2018):
 
@@ -129,8 +52,8 @@ class EWC(CLMethod):
 
     Each task keeps its own Fisher and anchor (state ``fishers``/``anchors``, never an accumulated Fisher counted
     again); at every step the sum of the per-task quadratics is evaluated as the single equivalent quadratic
-    ``A (theta - m)^2 + K`` (:func:`~cl_lightning.core.importance.merge_quadratics`), so a step costs the same
-    however many tasks are remembered. The penalty is a loss term (``ewc/penalty``), so it composes with any other
+    ``A (theta - m)^2 + K`` (:class:`~cl_lightning.methods.regularizer.QuadraticRegularizer`), so a step costs the
+    same however many tasks are remembered. The penalty is a loss term (``ewc/penalty``), so it composes with any other
     method's loss terms and gradient edits.
 
     **Strength and plain SGD.** SGD with learning rate ``lr`` and momentum ``mu`` diverges on the penalty when
@@ -156,8 +79,9 @@ class EWC(CLMethod):
     """
 
     name: ClassVar[str] = "ewc"
-    needs_task_boundaries: ClassVar[bool] = True
     AUTO_LAMBDA: ClassVar[float] = 100.0  # what lambda_=auto is where plain SGD is stable on the penalty
+    penalty_factor: ClassVar[float] = 0.5  # the paper's lambda / 2
+    importance_key: ClassVar[str] = "fishers"  # and "anchors": one of each per task
 
     def __init__(
         self,
@@ -166,30 +90,19 @@ class EWC(CLMethod):
         fisher_samples: int | None = 200,
         chunk_size: int = 8,
     ) -> None:
-        super().__init__()
-        self.strength = Strength("method.lambda_", lambda_, self.AUTO_LAMBDA)
-        if fisher not in FISHER_MODES:
-            raise ConfigError(f"method.fisher={fisher!r}: choose one of {', '.join(FISHER_MODES)}")
-        self.fisher = fisher
-        self.fisher_samples = check_samples("method.fisher_samples", fisher_samples)
-        self.chunk_size = check_chunk("method.chunk_size", chunk_size)
-        self.fishers: list[dict[str, Tensor]] = []
-        self.anchors: list[dict[str, Tensor]] = []
-        self.consolidated = -1  # last task whose Fisher and anchor are stored
-        self._names: list[str] = []
-        self._params: list[Tensor] = []
-        self._quadratic: tuple[list[Tensor], list[Tensor], float] | None = None
+        super().__init__(lambda_, self.AUTO_LAMBDA)
+        self.fisher = check_choice("method.fisher", fisher, FISHER_MODES)
+        self.fisher_samples = check_optional_int("method.fisher_samples", fisher_samples)
+        self.chunk_size = check_int("method.chunk_size", chunk_size)
+
+    @property
+    def lambda_(self) -> float:
+        """The strength in force (the typed value, or what ``auto`` chose for the current task)."""
+        return self.strength.value
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        named = trainable_parameters(pl_module.net)  # type: ignore[arg-type]
-        self._names, self._params = list(named), list(named.values())
-        self._quadratic = None  # rebuilt lazily on the parameters' device (loaded state arrives on the CPU)
-
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        if task_id <= self.consolidated:
-            return
+    def importance(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> dict[str, Tensor]:
+        """The diagonal Fisher of ``task_id`` at the current parameters, over its training outputs."""
         outputs = scenario_outputs(pl_module, task_id)
 
         def compute(x: Tensor, y: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
@@ -198,57 +111,4 @@ class EWC(CLMethod):
                 generator=gen, reduction="sum",
             )  # fmt: skip
 
-        fisher = task_importance(trainer, pl_module, task_id, self.fisher_samples, compute)
-        anchor = {n: p.detach().clone() for n, p in trainable_parameters(pl_module.net).items()}
-        self.consolidate(fisher, anchor)
-        self.consolidated = task_id
-        self._quadratic = None
-        if self._params and task_follows(trainer, task_id):
-            weights = self.quadratic()[0]
-            stiffest = max(float(w.max()) for w in weights if w.numel())
-            self.strength.consolidate(trainer, self.name, stiffest)  # the penalty's curvature is lambda * A
-
-    @property
-    def lambda_(self) -> float:
-        """The strength in force (the typed value, or what ``auto`` chose for the current task)."""
-        return self.strength.value
-
-    @override
-    def diagnostics(self, pl_module: CLModule) -> dict[str, Any]:
-        return {"lambda_": self.lambda_}
-
-    def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
-        """Store a finished task's Fisher and anchor: one more penalty."""
-        self.fishers.append(fisher)
-        self.anchors.append(anchor)
-
-    def quadratic(self) -> tuple[list[Tensor], list[Tensor], float]:
-        """Per-parameter weights and anchors of the whole penalty (before ``lambda / 2``), and its constant."""
-        if self._quadratic is None:
-            device = self._params[0].device
-            weights = [[f[n].to(device) for n in self._names] for f in self.fishers]
-            anchors = [[a[n].to(device) for n in self._names] for a in self.anchors]
-            self._quadratic = merge_quadratics(weights, anchors)
-        return self._quadratic
-
-    @override
-    def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
-        if not self.fishers or self.lambda_ == 0:
-            return {}
-        weights, anchors, constant = self.quadratic()
-        return {"penalty": quadratic_penalty(self._params, anchors, weights, 0.5 * self.lambda_, constant)}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "fishers": self.fishers, "anchors": self.anchors, "consolidated": self.consolidated,
-            "lambda_": self.strength.state(),
-        }  # fmt: skip
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.fishers = list(state_dict.get("fishers", []))
-        self.anchors = list(state_dict.get("anchors", []))
-        self.consolidated = int(state_dict.get("consolidated", -1))
-        self.strength.load(state_dict.get("lambda_"))
-        self._quadratic = None
+        return task_importance(trainer, pl_module, task_id, self.fisher_samples, compute)

@@ -11,9 +11,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from cl_lightning.core.distill import distillation_loss, output_groups
-from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.ewc import check_number
+from cl_lightning.validation import check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -67,9 +66,7 @@ class LwF(CLMethod):
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__()
         self.alpha = check_number("method.alpha", alpha)
-        self.temperature = check_number("method.temperature", temperature)
-        if self.temperature <= 0:
-            raise ConfigError(f"method.temperature={temperature!r}: must be a number > 0")
+        self.temperature = check_number("method.temperature", temperature, strict=True)
         self.teacher: nn.Module | None = None
         self.teacher_task = -1  # the task at whose end the teacher was copied
         self._loaded: dict[str, Tensor] | None = None
@@ -123,7 +120,7 @@ class LwF(CLMethod):
     @override
     def state_dict(self) -> dict[str, Any]:
         teacher = self.teacher.state_dict() if self.teacher is not None else self._loaded
-        return {"teacher": teacher or {}, "teacher_task": self.teacher_task}
+        return {"teacher": {k: v.detach().cpu() for k, v in (teacher or {}).items()}, "teacher_task": self.teacher_task}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.importance import mas_importance, quadratic_penalty, trainable_parameters
-from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.ewc import check_chunk, check_samples, scenario_outputs, task_importance
-from cl_lightning.methods.strength import AUTO, Strength, task_follows
+from cl_lightning.core.importance import mas_importance
+from cl_lightning.methods.regularizer import QuadraticRegularizer, scenario_outputs, task_importance
+from cl_lightning.methods.strength import AUTO
+from cl_lightning.validation import check_int, check_optional_int
 
 if TYPE_CHECKING:
-    from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
 
-class MAS(CLMethod):
+class MAS(QuadraticRegularizer):
     """Memory Aware Synapses (Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECCV 2018).
 
     At the end of task ``t``, over its training inputs (labels unused) and with ``z(x)`` the logits restricted to the
@@ -53,46 +52,15 @@ class MAS(CLMethod):
     """
 
     name: ClassVar[str] = "mas"
-    needs_task_boundaries: ClassVar[bool] = True
     AUTO_LAMBDA: ClassVar[float] = 0.03  # what lambda_=auto is where plain SGD is stable on the penalty
+    importance_key: ClassVar[str] = "omega"
+    anchor_key: ClassVar[str] = "anchor"
+    listed_state: ClassVar[bool] = False  # one running Omega and anchor
 
     def __init__(self, lambda_: float | str = AUTO, samples: int | None = 200, chunk_size: int = 8) -> None:
-        super().__init__()
-        self.strength = Strength("method.lambda_", lambda_, self.AUTO_LAMBDA)
-        self.samples = check_samples("method.samples", samples)
-        self.chunk_size = check_chunk("method.chunk_size", chunk_size)
-        self.omega: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
-        self.consolidated = -1
-        self._names: list[str] = []
-        self._params: list[Tensor] = []
-        self._on_device: tuple[list[Tensor], list[Tensor]] | None = None
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        named = trainable_parameters(pl_module.net)  # type: ignore[arg-type]
-        self._names, self._params = list(named), list(named.values())
-        self._on_device = None
-
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        if task_id <= self.consolidated:
-            return
-        outputs = scenario_outputs(pl_module, task_id)
-
-        def compute(x: Tensor, y: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
-            return mas_importance(pl_module.net, x, outputs=outputs, chunk_size=self.chunk_size, reduction="sum")
-
-        importance = task_importance(trainer, pl_module, task_id, self.samples, compute)
-        for name, p in trainable_parameters(pl_module.net).items():
-            new = importance[name]
-            self.omega[name] = self.omega[name].to(new.device) + new if name in self.omega else new
-            self.anchor[name] = p.detach().clone()
-        self.consolidated = task_id
-        self._on_device = None
-        if task_follows(trainer, task_id):
-            stiffest = max(float(o.max()) for o in self.omega.values() if o.numel())
-            self.strength.consolidate(trainer, self.name, 2 * stiffest)  # the penalty's curvature is 2 lambda Omega
+        super().__init__(lambda_, self.AUTO_LAMBDA)
+        self.samples = check_optional_int("method.samples", samples)
+        self.chunk_size = check_int("method.chunk_size", chunk_size)
 
     @property
     def lambda_(self) -> float:
@@ -100,33 +68,16 @@ class MAS(CLMethod):
         return self.strength.value
 
     @override
-    def diagnostics(self, pl_module: CLModule) -> dict[str, Any]:
-        return {"lambda_": self.lambda_}
+    def importance(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> dict[str, Tensor]:
+        """``Omega_t``: the mean absolute per-sample gradient of the squared norm of the task's training outputs."""
+        outputs = scenario_outputs(pl_module, task_id)
+
+        def compute(x: Tensor, y: Tensor, gen: torch.Generator) -> dict[str, Tensor]:
+            return mas_importance(pl_module.net, x, outputs=outputs, chunk_size=self.chunk_size, reduction="sum")
+
+        return task_importance(trainer, pl_module, task_id, self.samples, compute)
 
     @override
-    def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
-        if not self.omega or self.lambda_ == 0:
-            return {}
-        if self._on_device is None:
-            device = self._params[0].device
-            self._on_device = (
-                [self.omega[n].to(device) for n in self._names],
-                [self.anchor[n].to(device) for n in self._names],
-            )
-        omega, anchor = self._on_device
-        return {"penalty": quadratic_penalty(self._params, anchor, omega, self.lambda_)}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "omega": self.omega, "anchor": self.anchor, "consolidated": self.consolidated,
-            "lambda_": self.strength.state(),
-        }  # fmt: skip
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.omega = dict(state_dict.get("omega", {}))
-        self.anchor = dict(state_dict.get("anchor", {}))
-        self.consolidated = int(state_dict.get("consolidated", -1))
-        self.strength.load(state_dict.get("lambda_"))
-        self._on_device = None
+    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """``Omega += Omega_t``; the anchor becomes the current parameters."""
+        self.keep_running(importance, anchor)

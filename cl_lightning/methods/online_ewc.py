@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import Tensor
+from typing_extensions import override
 
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.ewc import EWC
@@ -59,10 +60,7 @@ class OnlineEWC(EWC):
             raise ConfigError(f"method.gamma={gamma!r}: must be a number in [0, 1]")
         self.gamma = float(gamma)
 
-    def consolidate(self, fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
-        """``F* = gamma F* + F_t`` (in place of the previous one); the anchor becomes the current parameters."""
-        if self.fishers:
-            previous = self.fishers[0]
-            fisher = {n: f + self.gamma * previous[n].to(f.device) if n in previous else f for n, f in fisher.items()}
-        self.fishers = [fisher]
-        self.anchors = [anchor]
+    @override
+    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """``F* = F_t + gamma F*`` (in place of the previous one); the anchor becomes the current parameters."""
+        self.keep_running(importance, anchor, decay=self.gamma)

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.importance import PathIntegral, trainable_parameters
-from cl_lightning.errors import ConfigError
-from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.ewc import check_number
-from cl_lightning.methods.strength import AUTO, Strength, task_follows
+from cl_lightning.core.importance import PathIntegral
+from cl_lightning.methods.regularizer import QuadraticRegularizer
+from cl_lightning.methods.strength import AUTO
+from cl_lightning.validation import check_number
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
 
 
-class SI(CLMethod):
+class SI(QuadraticRegularizer):
     """Synaptic Intelligence (Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017).
 
     During task ``t`` every optimizer step ``s`` adds to the path integral ``w_k += -g_k(s) * delta_k(s)``, with
@@ -72,90 +71,18 @@ class SI(CLMethod):
     """
 
     name: ClassVar[str] = "si"
-    needs_task_boundaries: ClassVar[bool] = True
     AUTO_C: ClassVar[float] = 1.0  # what c=auto is where plain SGD is stable on the penalty
+    importance_key: ClassVar[str] = "omega"
+    anchor_key: ClassVar[str] = "anchor"
+    listed_state: ClassVar[bool] = False  # one running Omega and anchor
+    strength_key: ClassVar[str] = "c"
+    penalty_door: ClassVar[Literal["loss", "gradient"]] = "gradient"  # the path integral sees the task gradient
 
     def __init__(self, c: float | str = AUTO, xi: float = 0.1) -> None:
-        super().__init__()
-        self.strength = Strength("method.c", c, self.AUTO_C)
-        self.xi = check_number("method.xi", xi)
-        if self.xi <= 0:
-            raise ConfigError(f"method.xi={xi!r}: must be a number > 0")
-        self.omega: dict[str, Tensor] = {}
-        self.anchor: dict[str, Tensor] = {}
-        self.consolidated = -1  # last task added to omega
-        self._names: list[str] = []
-        self._params: list[Tensor] = []
+        super().__init__(c, self.AUTO_C)
+        self.xi = check_number("method.xi", xi, strict=True)
         self._path: PathIntegral | None = None
         self._loaded_path: dict[str, dict[str, Tensor]] | None = None
-        self._on_device: tuple[list[Tensor], list[Tensor]] | None = None
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        named = trainable_parameters(pl_module.net)  # type: ignore[arg-type]
-        self._names, self._params = list(named), list(named.values())
-        self._on_device = None
-        if self._loaded_path is not None:
-            # resumed in the middle of a task (no task start will come): continue its path integral
-            self._path = PathIntegral(self._params)
-            for field in ("start", "integral"):
-                torch._foreach_copy_(getattr(self._path, field), [self._loaded_path[field][n] for n in self._names])
-            self._loaded_path = None
-
-    @override
-    def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        self._path = PathIntegral(self._params)
-
-    def _state_on_device(self) -> tuple[list[Tensor], list[Tensor]]:
-        if self._on_device is None:
-            device = self._params[0].device
-            self._on_device = (
-                [self.omega[n].to(device) for n in self._names],
-                [self.anchor[n].to(device) for n in self._names],
-            )
-        return self._on_device
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self._path is not None:
-            self._path.before_step(self._params, [p.grad for p in self._params])
-        if not self.omega or self.c == 0:
-            return
-        omega, anchor = self._state_on_device()
-        for p in self._params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        params = [p.detach() for p in self._params]
-        diffs = torch._foreach_sub(params, anchor)
-        torch._foreach_addcmul_([p.grad for p in self._params], omega, diffs, value=2.0 * self.c)  # type: ignore[misc]
-        module: CLModule = pl_module  # type: ignore[assignment]
-        if module.logger is not None and trainer.global_step % module.log_every_n_steps == 0:
-            value = sum(float(torch.dot((o * d).reshape(-1), d.reshape(-1))) for o, d in zip(omega, diffs, strict=True))
-            module.logger.log_metrics({f"train/{self.name}/penalty": self.c * value}, step=trainer.global_step)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._path is not None:
-            self._path.after_step(self._params)
-
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        if task_id <= self.consolidated or self._path is None:
-            return
-        omega = self._path.omega(self._params, self.xi)
-        for name, o, p in zip(self._names, omega, self._params, strict=True):
-            self.omega[name] = self.omega[name].to(o.device) + o if name in self.omega else o
-            self.anchor[name] = p.detach().clone()
-        self.consolidated = task_id
-        self._path = None
-        self._on_device = None
-        if task_follows(trainer, task_id):
-            stiffest = max(float(o.max()) for o in self.omega.values() if o.numel())
-            self.strength.consolidate(trainer, self.name, 2 * stiffest)  # the penalty's curvature is 2 c Omega
 
     @property
     def c(self) -> float:
@@ -163,27 +90,65 @@ class SI(CLMethod):
         return self.strength.value
 
     @override
-    def diagnostics(self, pl_module: CLModule) -> dict[str, Any]:
-        return {"c": self.c}
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._loaded_path is not None:
+            # resumed in the middle of a task (no task start will come): continue its path integral
+            self._path = PathIntegral(self.params)
+            for field in ("start", "integral"):
+                saved = self._loaded_path[field]
+                loaded = [saved[n].to(p.device) for n, p in zip(self.param_names, self.params, strict=True)]
+                torch._foreach_copy_(getattr(self._path, field), loaded)
+            self._loaded_path = None
+
+    @override
+    def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
+        self._path = PathIntegral(self.params)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._path is not None:  # first the gradient of the task loss (and other methods' terms), then SI's
+            self._path.before_step(self.params, [p.grad for p in self.params])
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._path is not None:
+            self._path.after_step(self.params)
+
+    @override
+    def importance(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> dict[str, Tensor] | None:
+        """``omega`` of the task's path integral (``None``: no path was recorded, the task did not start here)."""
+        if self._path is None:
+            return None
+        omega = self._path.omega(self.params, self.xi)
+        self._path = None
+        return dict(zip(self.param_names, omega, strict=True))
+
+    @override
+    def consolidate(self, importance: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+        """``Omega += omega_t``; the anchor becomes the current parameters."""
+        self.keep_running(importance, anchor)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "omega": self.omega, "anchor": self.anchor, "consolidated": self.consolidated, "c": self.strength.state(),
-        }  # fmt: skip
+        state = super().state_dict()
         if self._path is not None:
             # a mid-task checkpoint (taken after the step's change was added: no step is pending)
             state["path"] = {
-                field: {n: t.detach().clone() for n, t in zip(self._names, getattr(self._path, field), strict=True)}
+                field: {
+                    n: t.detach().to("cpu", copy=True)
+                    for n, t in zip(self.param_names, getattr(self._path, field), strict=True)
+                }
                 for field in ("start", "integral")
             }
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.omega = dict(state_dict.get("omega", {}))
-        self.anchor = dict(state_dict.get("anchor", {}))
-        self.consolidated = int(state_dict.get("consolidated", -1))
-        self.strength.load(state_dict.get("c"))
-        self._on_device = None
+        super().load_state_dict(state_dict)
         self._loaded_path = state_dict.get("path")

@@ -1,4 +1,5 @@
-"""SI: the path integral sees the task gradient only, the penalty reaches the optimizer, state and resume."""
+"""SI: the path integral sees the task gradient only, the penalty reaches the optimizer (instantiation, state
+round trip and resume: ``tests/test_contract.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from cl_lightning.errors import ConfigError
@@ -19,12 +19,6 @@ QUICK = ["method=si", "method.c=0.5", "logger=none", "epochs_per_task=2"]
 
 def checkpoint(cfg) -> dict:
     return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-
-
-def test_config_instantiates_with_an_sgd_stable_default(make_cfg) -> None:
-    method = instantiate(make_cfg("method=si").method)
-    assert isinstance(method, SI) and method.strength.auto and method.c == SI.AUTO_C == 1.0 and method.xi == 0.1
-    assert method.gradient_edit is None, "an additive penalty gradient composes like a loss term"
 
 
 @pytest.mark.parametrize(("override", "message"), [("method.c=-1", "method.c=-1"), ("method.xi=0", "method.xi=0")])
@@ -92,29 +86,6 @@ def test_omega_accumulates_over_tasks_and_the_anchor_follows(make_cfg) -> None:
         assert torch.equal(state["anchor"][n], ckpt["state_dict"][f"net.{n}"])
 
 
-def test_state_round_trip(make_cfg) -> None:
-    cfg = make_cfg(*QUICK, "max_tasks=2")
-    train(cfg)
-    state = checkpoint(cfg)["callbacks"]["SI[si]"]
-    fresh = SI()
-    fresh.load_state_dict(state)
-    again = fresh.state_dict()
-    state = checkpoint(cfg)["callbacks"]["SI[si]"]  # an independent load: `again` shares the loaded tensors
-    assert again["consolidated"] == 1
-    for key in ("omega", "anchor"):
-        assert again[key].keys() == state[key].keys()
-        assert all(torch.equal(again[key][n], v) for n, v in state[key].items())
-
-
-def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
-    overrides = [*QUICK, "optimizer=adam", "module.reset_optimizer=false"]
-    whole = train(make_cfg(*overrides))
-    cfg = make_cfg(*overrides, "max_tasks=2")
-    train(cfg)
-    resumed = train(make_cfg("resume=" + cfg.paths.output_dir, "logger=none"))
-    assert resumed["complete"] and resumed["acc_matrix"] == whole["acc_matrix"]
-
-
 @pytest.mark.parametrize("scenario", ["task_il", "domain_il", "class_il"])
 def test_runs_in_every_scenario_and_logs_its_penalty(make_cfg, scenario: str) -> None:
     cfg = make_cfg("method=si", "method.c=0.5", "epochs_per_task=2", f"dataset.scenario={scenario}",
@@ -130,6 +101,7 @@ def test_runs_in_every_scenario_and_logs_its_penalty(make_cfg, scenario: str) ->
 
 
 def test_composes_with_replay_and_a_projection(make_cfg) -> None:
+    assert SI.gradient_edit is None, "an additive penalty gradient composes like a loss term"
     for other in ("er", "agem"):
         cfg = make_cfg(*QUICK, f"+method@hybrid.{other}={other}", "max_tasks=2")
         results = train(cfg)
