@@ -2,7 +2,9 @@
 
 Protocol (issue "Replay methods"): Split-MNIST class-IL (5 tasks), MLP 784-100-100-10 (Buzzega et al. 2020), SGD
 lr 0.03, batch 10 and 32, a fixed number of optimizer steps per task (``--steps``), buffer 500, one intra-op
-thread. Every method replays ``--replay-batch-size`` samples per step (default: the batch size, as Mammoth's
+thread. ``--hidden``, ``--lr`` and ``--epochs`` (passes per task instead of ``--steps``) change the protocol, e.g.
+P1 (issue "One shape for every method"): ``--hidden 400 400 --lr 0.01 --epochs 1 --batch-sizes 32``. Every
+method replays ``--replay-batch-size`` samples per step (default: the batch size, as Mammoth's
 seq-mnist ER and DER++ do); GEM uses each past task's whole memory (100 samples per task), as the paper and
 Mammoth do; ``der:128`` and ``agem:128`` rows replay 128 (the config defaults). The time is ``train_seconds`` of
 ``results.json`` (the sum of the ``trainer.fit`` calls, task-end selection included, not evaluation). Runs
@@ -15,8 +17,8 @@ own time (``tottime``), to check that buffer insertion and sampling are not amon
 ``--methods`` times a subset (``naive`` is always added: ratios are taken against it within the same run); with
 ``--out`` the table goes to another file, e.g. to merge a subset's rows into the results by hand.
 
-Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/replay_speed.py [--repeats 3] [--steps 500]
-[--batch-sizes 10 32] [--methods naive gem] [--profile] [--out FILE]``
+Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/replay_speed.py [--repeats 3] [--steps 500 | --epochs 1]
+[--hidden 100 100] [--lr 0.03] [--batch-sizes 10 32] [--methods naive gem] [--profile] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ from omegaconf import open_dict
 from cl_lightning.train import CONFIG_DIR, train
 
 BASE = [
-    "dataset=split_mnist", "model=mlp", "model.hidden=[100,100]", "optimizer=sgd", "optimizer.lr=0.03",
-    "logger=none", "save_checkpoints=false", "threads=1", "trainer.enable_progress_bar=false",
-    "trainer.accelerator=cpu",
+    "dataset=split_mnist", "model=mlp", "optimizer=sgd", "logger=none", "save_checkpoints=false", "threads=1",
+    "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]  # fmt: skip
 # "name:n" replays n samples per step instead of --replay-batch-size (der:128 and agem:128 are Mammoth's seq-mnist
 # values, the defaults of conf/method/der.yaml and agem.yaml; gem:50 uses 50 of each past task's 100 memories)
@@ -65,8 +66,11 @@ def make_cfg(method: str, args: argparse.Namespace, out: Path, seed: int):
     overrides = [
         *BASE,
         *method_overrides(method, args.replay_batch_size),
+        f"model.hidden=[{','.join(map(str, args.hidden))}]",
+        f"optimizer.lr={args.lr}",
         f"batch_size={args.batch_size}",
-        f"steps_per_task={args.steps}",
+        f"steps_per_task={'null' if args.epochs else args.steps}",
+        f"epochs_per_task={args.epochs or 1}",
         f"seed={seed}",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -99,7 +103,7 @@ def measure(args: argparse.Namespace, methods: list[str]) -> list[str]:
     """Alternating timed runs at ``args.batch_size``; the markdown table of medians and ratios."""
     times: dict[str, list[float]] = {m: [] for m in methods}
     accs: dict[str, list[float]] = {m: [] for m in methods}
-    warm_up = argparse.Namespace(**{**vars(args), "steps": 20})
+    warm_up = argparse.Namespace(**{**vars(args), "steps": 20, "epochs": None})
     for m in methods:  # not timed: first imports, first MNIST load, the allocator's first requests
         run(m, warm_up, 0)
     for r in range(args.repeats):
@@ -130,29 +134,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=500, help="optimizer steps per task")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per task instead of --steps")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100], help="hidden widths of the MLP")
+    parser.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[10, 32])
     parser.add_argument("--replay-batch-size", type=int, default=None, help="default: the batch size")
     parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--bar", nargs="+", default=[], metavar="METHOD=RATIO", help="override a bar, e.g. gem=3.0")
     parser.add_argument("--profile", action="store_true", help="profile each method once at the first batch size")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/replay_speed.md"
     )
     args = parser.parse_args()
+    BARS.update({m: float(r) for m, _, r in (spec.partition("=") for spec in args.bar)})
     torch.set_num_threads(1)
     methods = ["naive", *[m for m in args.methods if m != "naive"]]
-    command = [f"--repeats {args.repeats}", f"--steps {args.steps}"]
+    command = [f"--repeats {args.repeats}", f"--epochs {args.epochs}" if args.epochs else f"--steps {args.steps}"]
+    command += ["--hidden " + " ".join(map(str, args.hidden)), f"--lr {args.lr}"]
     command.append("--batch-sizes " + " ".join(map(str, args.batch_sizes)))
     if args.replay_batch_size is not None:
         command.append(f"--replay-batch-size {args.replay_batch_size}")
     if methods != METHODS:
         command.append("--methods " + " ".join(methods))
+    if args.bar:
+        command.append("--bar " + " ".join(args.bar))
     if args.profile:
         command.append("--profile")
     lines = [
         "# Replay methods: training time relative to naive fine-tuning",
         "",
-        f"Split-MNIST class-IL, 5 tasks, MLP 784-100-100-10, SGD lr 0.03, {args.steps} optimizer steps per task, "
-        "buffer 500; every method replays as many samples per step as the batch holds (GEM: each past task's whole "
+        f"Split-MNIST class-IL, 5 tasks, MLP 784-{'-'.join(map(str, args.hidden))}-10, SGD lr {args.lr}, "
+        f"{f'{args.epochs} epoch(s)' if args.epochs else f'{args.steps} optimizer steps'} per task, buffer 500; "
+        "every method replays as many samples per step as the batch holds (GEM: each past task's whole "
         "memory, 100 samples, as in the paper); a `name:n` row replays n samples (Mammoth's seq-mnist value, the "
         "default of conf/method/der.yaml and agem.yaml; `gem:50`: 50 of each past task's memories, drawn anew every "
         "step, with `method.replay_batch_size=50`). Time is `train_seconds` (all `trainer.fit` calls, "

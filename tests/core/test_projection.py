@@ -9,15 +9,19 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from cl_lightning.core.projection import (
-    LinearGroupGradients,
-    agem_project,
-    flat_grad,
-    gem_dual,
-    gem_project,
-    gem_stacked_dual,
-    write_flat_grad,
-)
+from cl_lightning.core.projection import agem_project, flat_grad, gem_stacked_dual, solve_gem_dual, write_flat_grad
+
+
+def gem_dual(memories: torch.Tensor, g: torch.Tensor, margin: float = 0.0, eps: float = 1e-3) -> np.ndarray:
+    """GEM's dual variables ``v`` for the rows ``G`` of ``memories`` and the proposed gradient ``g``."""
+    return solve_gem_dual((memories @ memories.T).double().numpy(), (memories @ g).double().numpy(), margin, eps)
+
+
+def gem_project(g: torch.Tensor, memories: torch.Tensor, margin: float = 0.0, eps: float = 1e-3) -> torch.Tensor:
+    """GEM's update written plainly: ``g`` itself if ``G g >= 0`` (no memory loss increases), else ``G^T v + g``."""
+    if memories.shape[0] == 0 or not bool((memories @ g < 0).any()):
+        return g
+    return torch.addmv(g, memories.T, torch.from_numpy(gem_dual(memories, g, margin, eps)).to(memories))
 
 
 def closest_feasible(g: np.ndarray, G: np.ndarray) -> np.ndarray:
@@ -177,139 +181,3 @@ def test_flat_gradients_round_trip() -> None:
     write_flat_grad(params, torch.arange(11.0))
     assert params[0].grad.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert params[1].grad.tolist() == [6.0, 7.0, 8.0, 9.0] and params[2].grad.tolist() == [10.0]
-
-
-def per_group_gradients(net: torch.nn.Module, params: list, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-    """The reference: one forward and one backward per group, each group's loss its mean cross-entropy."""
-    rows = []
-    for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
-        loss = torch.nn.functional.cross_entropy(net(xs), ys)
-        rows.append(flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params))
-    return torch.stack(rows)
-
-
-def sum_of_group_means(y: torch.Tensor, group_size: int):
-    return lambda logits: torch.nn.functional.cross_entropy(logits, y, reduction="sum") / group_size
-
-
-@pytest.mark.parametrize("k", [1, 3])
-def test_group_gradients_of_a_linear_network_equal_one_backward_per_group(k: int) -> None:
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Flatten(), torch.nn.Linear(12, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5, bias=False),
-        torch.nn.ReLU(), torch.nn.Identity(), torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(5, 4)),
-    )  # fmt: skip
-    net.eval()  # dropout off: groups can be compared with one pass per group
-    net[1].bias.requires_grad_(False)  # a frozen parameter is left out of the flat gradient
-    params = [p for p in net.parameters() if p.requires_grad]
-    x, y = torch.randn(k * 6, 3, 4), torch.randint(0, 4, (k * 6,))
-    grouped = LinearGroupGradients.build(net, params)
-    assert grouped is not None and grouped.n_params == sum(p.numel() for p in params)
-    out = torch.full((k, grouped.n_params), float("nan"))
-    assert grouped(x, sum_of_group_means(y, 6), 6, out)
-    torch.testing.assert_close(out, per_group_gradients(net, params, x, y, k), rtol=1e-5, atol=1e-7)
-    assert all(p.grad is None for p in net.parameters()), "no .grad is written"
-
-
-@pytest.mark.parametrize("frozen_first", [False, True])
-def test_group_gradients_with_dropout_use_the_mask_nn_dropout_draws(frozen_first: bool) -> None:
-    # reference: one forward of the network itself (nn.Dropout in training mode) from the same random state, then
-    # each group's loss differentiated alone through that graph
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 16), torch.nn.ReLU(),
-        torch.nn.Dropout(0.5), torch.nn.Linear(16, 3),
-    )  # fmt: skip
-    if frozen_first:  # no gradient is needed below the second layer
-        net[0].requires_grad_(False)
-    params = [p for p in net.parameters() if p.requires_grad]
-    x, y = torch.randn(3 * 5, 8), torch.randint(0, 3, (3 * 5,))
-    torch.manual_seed(7)
-    per_sample = torch.nn.functional.cross_entropy(net(x), y, reduction="none")
-    expected = torch.stack([
-        flat_grad(torch.autograd.grad(part.mean(), params, retain_graph=True), params) for part in per_sample.chunk(3)
-    ])  # fmt: skip
-    grouped = LinearGroupGradients.build(net, params)
-    assert grouped is not None
-    out = torch.empty(3, grouped.n_params)
-    torch.manual_seed(7)
-    assert grouped(x, sum_of_group_means(y, 5), 5, out)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_restricted_group_gradients_leave_out_inputs_unused_by_every_sample() -> None:
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
-    params = list(net.parameters())
-    x, y = torch.randn(8, 4, 5), torch.randint(0, 3, (8,))
-    x[:, 0, :] = 0  # features 0-4 and 13 are zero in every sample
-    x[:, 2, 3] = 0
-    full = LinearGroupGradients.build(net, params)
-    assert full is not None
-    grouped, reduced = full.restricted(x)
-    kept = torch.tensor([c for c in range(20) if c not in (0, 1, 2, 3, 4, 13)])
-    assert torch.equal(grouped.columns, kept) and grouped.first_weight == 0
-    assert torch.equal(reduced, x.flatten(1)[:, kept]) and grouped.n_params == full.n_params - 6 * 6
-    rows = torch.empty(2, grouped.n_params)
-    assert grouped(reduced, sum_of_group_means(y, 4), 4, rows)
-    expected = per_group_gradients(net, params, x, y, 2)
-    weight = expected[:, :120].reshape(2, 6, 20)
-    assert bool((weight[:, :, [0, 1, 2, 3, 4, 13]] == 0).all()), "unused inputs: zero gradient in every group"
-    torch.testing.assert_close(rows[:, :84], weight[:, :, kept].reshape(2, -1), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(rows[:, 84:], expected[:, 120:], rtol=1e-5, atol=1e-7)
-    # gather and add_to_grads move only the kept columns; the others keep p.grad
-    for p in params:
-        p.grad = torch.randn_like(p)
-    before = [p.grad.clone() for p in params]
-    flat = grouped.gather(params, torch.empty(grouped.n_params))
-    torch.testing.assert_close(flat[:84], before[0][:, kept].reshape(-1), rtol=0, atol=0)
-    grouped.add_to_grads(params, torch.ones_like(flat))
-    assert torch.equal(params[0].grad[:, kept], before[0][:, kept] + 1)
-    assert torch.equal(params[0].grad[:, 0], before[0][:, 0]), "a left-out column keeps its value"
-    assert all(torch.equal(p.grad, b + 1) for p, b in zip(params[1:], before[1:], strict=True))
-
-
-def test_restriction_applies_only_where_it_is_exact_and_pays() -> None:
-    net = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    x = torch.randn(6, 10)
-    full = LinearGroupGradients.build(net, list(net.parameters()))
-    same, same_x = full.restricted(x)
-    assert same is full and same_x is x, "every feature used"
-    x[:, 0] = 0
-    assert full.restricted(x)[0] is full, "one feature in ten: below the share that pays"
-    assert full.restricted(x, max_share=1.0)[0].columns is not None
-    frozen = LinearGroupGradients.build(net, list(net.parameters())[1:])
-    assert frozen.restricted(x, max_share=1.0)[0] is frozen, "the first layer's weight is not trained"
-    first = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(10, 2))
-    after_relu = LinearGroupGradients.build(first, list(first.parameters()))
-    assert after_relu.restricted(x, max_share=1.0)[0] is after_relu, "a module computes before the first layer"
-
-
-def test_group_gradients_refuse_what_they_cannot_split() -> None:
-    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(8, 2))
-    assert LinearGroupGradients.build(conv, list(conv.parameters())) is None, "convolutions: not handled"
-    norm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    assert LinearGroupGradients.build(norm, [norm[0].weight]) is None, "batch norm mixes the samples of a batch"
-    lin = torch.nn.Linear(3, 2)
-    stray = torch.nn.Parameter(torch.zeros(1))
-    assert LinearGroupGradients.build(lin, [lin.weight, stray]) is None, "a parameter outside the linear layers"
-    shared = torch.nn.Linear(3, 3)
-    twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
-    assert LinearGroupGradients.build(twice, list(twice.parameters())) is None, "a layer applied twice"
-    partial = torch.nn.Sequential(torch.nn.Flatten(2), torch.nn.Linear(4, 2))
-    assert LinearGroupGradients.build(partial, list(partial.parameters())) is None, "a flatten that keeps 3 dims"
-
-
-def test_group_gradients_step_aside_for_hooks_and_unexpected_shapes() -> None:
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-    grouped = LinearGroupGradients.build(net, list(net.parameters()))
-    assert grouped is not None
-    x, y = torch.randn(4, 4), torch.randint(0, 2, (4,))
-    out = torch.full((2, grouped.n_params), float("nan"))
-    handle = net[1].register_forward_hook(lambda module, args, output: output * 2)
-    assert not grouped(x, sum_of_group_means(y, 2), 2, out), "a hook would be skipped: refused"
-    handle.remove()
-    assert not grouped(torch.randn(4, 5, 4), sum_of_group_means(y, 2), 2, out), "a linear on 3-d input"
-    assert not grouped(x, sum_of_group_means(y, 2), 3, out), "groups that do not tile the input"
-    assert bool(out.isnan().all()), "out untouched when refused"
-    assert grouped(x, sum_of_group_means(y, 2), 2, out) and not bool(out.isnan().any())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from helpers.methods import assert_resume_parity
 from hydra.utils import instantiate
+from torch import nn
 
-from cl_lightning.core.projection import LinearGroupGradients, flat_grad
+import cl_lightning
+from cl_lightning.core.projection import flat_grad
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.gem import GEM, StepMemory
+from cl_lightning.methods.gem import GEM
 from cl_lightning.train import train
 
 SMALL = ["method=gem", "method.buffer_size=50", "logger=none"]
@@ -87,68 +93,87 @@ def test_projected_gradient_increases_no_memory_loss(make_cfg, monkeypatch) -> N
     assert checked["steps"] > 0 and checked["projected"] > 0, "the constraints were active in this run"
 
 
-def expected_rows(memory: StepMemory, module, params: list, tasks: list[int]) -> torch.Tensor:
-    """Autograd on each task's memory alone (its own task's training logits), in the layout of ``memory``."""
-    grouped, rows, start = memory.grouped, [], 0
-    for task, n in zip(tasks, memory.sizes, strict=True):
-        part = slice(start, start + n)
-        start += n
-        task_id = memory.sample.task_id[part]
-        assert bool((task_id == task).all()), "row k holds task k's memory"
-        logits = module.training_logits(module(memory.x[part], task_id), task_id)
-        grads = torch.autograd.grad(F.cross_entropy(logits, memory.sample.y[part]), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
-        if grouped is not None and grouped.columns is not None:  # the first layer's unused input columns
-            i = grouped.first_weight
-            dropped = torch.ones(grads[i].shape[1], dtype=torch.bool)
-            dropped[grouped.columns] = False
-            assert bool((grads[i][:, dropped] == 0).all()), "a feature zero in every memory sample: zero gradient"
-            grads[i] = grads[i][:, grouped.columns]
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
+class UserMLP(nn.Module):
+    """A user's own fully connected network (not the package's ``MLP``): tanh units, layers held in attributes."""
+
+    def __init__(self, input_shape: tuple[int, int, int], n_outputs: int, width: int = 24) -> None:
+        super().__init__()
+        self.first = nn.Linear(math.prod(input_shape), width)
+        self.second = nn.Linear(width, width)
+        self.head = nn.Linear(width, n_outputs)
+        self.feature_dim = width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.second(torch.tanh(self.first(x.flatten(1)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+USER_MLP = [f"model._target_={__name__}.UserMLP", "~model.hidden", "~model.dropout", "~model.init"]
+CNN = ["model=cnn", "model.channels=[4]", "model.hidden=8", "model.batch_norm=true"]
 
 
 @pytest.mark.parametrize(
-    ("scenario", "grouped", "replay", "pad"),
+    ("model", "scenario", "replay"),
     [
-        ("class_il", True, "null", 0),
-        ("class_il", True, "null", 1),
-        ("task_il", True, "null", 1),
-        ("class_il", True, "4", 1),
-        ("task_il", False, "4", 0),
+        ([], "class_il", "null"),
+        (USER_MLP, "class_il", "null"),
+        (USER_MLP, "task_il", "4"),
+        (CNN, "class_il", "null"),
+        (CNN, "task_il", "4"),
     ],
 )
 def test_memory_gradients_equal_one_backward_per_past_task(
-    make_cfg, monkeypatch, scenario: str, grouped: bool, replay: str, pad: int
+    make_cfg, monkeypatch, model: list[str], scenario: str, replay: str
 ) -> None:
-    # each row of G against autograd on that task's memory alone; the one-pass path (MLP), with the first layer's
-    # unused input columns left out (zero-padded images, whole memories) or not, and the one-pass-per-task path
-    # (grouped=False) alike; p.grad is left alone
-    if not grouped:
-        monkeypatch.setattr(LinearGroupGradients, "build", classmethod(lambda cls, *args: None))
+    # row k of G against autograd on task k's memory alone (its own task's training logits), for the package's MLP,
+    # a user's own MLP class and a CNN with batch norm alike; p.grad is left alone
     original = GEM.memory_gradients
-    checked, narrowed = [], []
+    checked = []
 
-    def checked_gradients(self, pl_module, params, memory, out) -> bool:
+    def checked_gradients(self, pl_module, params, memories, out):
         before = [p.grad.clone() for p in params]
-        assert original(self, pl_module, params, memory, out)
+        G = original(self, pl_module, params, memories, out)
         assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True)), "p.grad untouched"
-        assert (memory.grouped is not None) == grouped
-        assert torch.equal(memory.x, pl_module.prepare(memory.sample.x, train=True)), "the memory's network inputs"
-        tasks = sorted(set(memory.sample.task_id.tolist()))
-        torch.testing.assert_close(out, expected_rows(memory, pl_module, params, tasks), rtol=1e-5, atol=1e-6)
-        checked.append(len(tasks))
-        narrowed.append(memory.grouped is not None and memory.grouped.columns is not None)
-        return True
+        past = [t for t in self.buffer.stored_tasks() if t < int(pl_module.current_task)]
+        assert len(memories) == len(past) == G.shape[0]
+        for t, memory, row in zip(past, memories, G, strict=True):
+            assert bool((memory.task_id == t).all()), "row k holds task k's memory"
+            slots = self.buffer.slots_of_task(t)
+            if replay == "null":  # the whole memory, from the buffer itself
+                assert torch.equal(memory.slots, slots)
+            else:  # a subsample of it, drawn anew
+                assert len(memory.slots) == min(int(replay), len(slots)) and bool(torch.isin(memory.slots, slots).all())
+            sample = self.buffer.get(memory.slots)
+            x = pl_module.prepare(sample.x, train=True)
+            loss = F.cross_entropy(pl_module.training_logits(pl_module(x, sample.task_id), sample.task_id), sample.y)
+            expected = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
+            torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
+        checked.append(len(past))
+        return G
 
     monkeypatch.setattr(GEM, "memory_gradients", checked_gradients)
-    train(
-        make_cfg(
-            *SMALL, f"dataset.scenario={scenario}", f"method.replay_batch_size={replay}", f"+dataset.source.pad={pad}"
-        )
-    )
+    train(make_cfg(*SMALL, *model, f"dataset.scenario={scenario}", f"method.replay_batch_size={replay}"))
     assert checked and max(checked) == 4, "every past task, up to four at the last task"
-    assert any(narrowed) == (pad > 0 and replay == "null"), "columns left out for fixed memories with unused inputs"
+
+
+def test_the_package_uses_no_private_torch_api_and_gem_names_no_network_class() -> None:
+    # memory gradients come from public autograd on any network: no private torch entry points anywhere in the
+    # package, and GEM never looks at the network's class
+    package = Path(cl_lightning.__file__).parent
+    private = re.compile(r"torch\.ops\.aten|torch\._C\b|_global_\w*_hooks|threshold_backward")
+    offenders = [
+        f"{path.relative_to(package)}:{i}"
+        for path in sorted(package.rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), start=1)
+        if private.search(line)
+    ]
+    assert not offenders, offenders
+    tree = ast.parse(Path(inspect.getfile(GEM)).read_text())
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not names & {"isinstance", "type", "MLP"} and "cl_lightning.models.backbones" not in imported
 
 
 def test_forgets_less_than_naive_in_class_il(make_cfg) -> None:
@@ -184,20 +209,21 @@ def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg) -> None:
 @pytest.mark.parametrize("augment", ["none", "crop_flip"])
 def test_memory_inputs_are_prepared_once_per_task_unless_augmented(make_cfg, monkeypatch, augment: str) -> None:
     # a fixed memory is prepared once and reused; with augmentation every step draws new inputs
-    seen: list[tuple[list[int], torch.Tensor]] = []
-    original = GEM._memory
+    seen: list[tuple[list[int], list[torch.Tensor]]] = []
+    original = GEM.memories
 
     def record(self, module, tasks):
-        memory = original(self, module, tasks)
+        memories = original(self, module, tasks)
         assert module.augments == (augment != "none")
-        seen.append((list(tasks), memory.x))
-        return memory
+        seen.append((list(tasks), [m.x for m in memories]))
+        return memories
 
-    monkeypatch.setattr(GEM, "_memory", record)
+    monkeypatch.setattr(GEM, "memories", record)
     train(make_cfg(*SMALL, f"+dataset.augment={augment}"))
     pairs = [(a, b) for (ta, a), (tb, b) in zip(seen, seen[1:], strict=False) if ta == tb]
     assert pairs, "several steps with the same past tasks"
-    if augment == "none":
-        assert all(a is b for a, b in pairs), "the same prepared tensor every step"
-    else:
-        assert all(a is not b and not torch.equal(a, b) for a, b in pairs), "new augmentations every step"
+    for a, b in pairs:
+        if augment == "none":
+            assert all(x is y for x, y in zip(a, b, strict=True)), "the same prepared tensors every step"
+        else:
+            assert all(x is not y and not torch.equal(x, y) for x, y in zip(a, b, strict=True)), "new augmentations"
