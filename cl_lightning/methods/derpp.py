@@ -8,9 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.methods.der import DER, check_weight
+from cl_lightning.methods.der import DER
+from cl_lightning.validation import check_number
 
 if TYPE_CHECKING:
+    from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
 
@@ -28,8 +30,6 @@ class DERpp(DER):
     corrects DER when the stored logits are from an early, poor network or the distribution shifts abruptly.
     Not PyCIL's "DER" (Yan et al. 2021, dynamically expandable representations), a different method.
 
-    DDP: as :class:`~cl_lightning.methods.der.DER` (gathered insertion, identical buffers on every rank).
-
     Args:
         buffer_size: Slots of the reservoir buffer.
         replay_batch_size: Samples in each of the two replay batches.
@@ -44,12 +44,12 @@ class DERpp(DER):
         self, buffer_size: int = 500, replay_batch_size: int = 10, alpha: float = 1.0, beta: float = 0.5, seed: int = 0
     ) -> None:
         super().__init__(buffer_size, replay_batch_size, alpha, seed)
-        self.beta = check_weight("method.beta", beta)
+        self.beta = check_number("method.beta", beta)
 
     @override
-    def replay_terms(self, pl_module: CLModule) -> dict[str, Tensor]:
-        terms = super().replay_terms(pl_module)
-        sample = self.buffer.sample(self.replay_batch_size)
-        out = pl_module(pl_module.prepare(sample.x, train=True), sample.task_id)
-        terms["replay"] = self.beta * F.cross_entropy(pl_module.training_logits(out, sample.task_id), sample.y)
+    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        terms = super().replay_terms(pl_module, batch, logits)
+        if (replay := self.draw(pl_module)) is not None:  # B, drawn after and independently of DER's A
+            out = pl_module(replay.x, replay.task_id)
+            terms["replay"] = self.beta * F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
         return terms

@@ -16,9 +16,9 @@ from typing_extensions import override
 from cl_lightning.core.vae import VAE, VAELoss
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.er import gather
-from cl_lightning.methods.ewc import check_number
+from cl_lightning.methods.replay import gather
 from cl_lightning.models.backbones import net_logits, routes_by_task
+from cl_lightning.validation import check_int, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -30,13 +30,6 @@ def _frozen(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def _positive(key: str, value: Any) -> float:
-    number = check_number(key, value)
-    if not number > 0:
-        raise ConfigError(f"{key}={value!r}: must be a number > 0")
-    return number
 
 
 class DGR(CLMethod):
@@ -117,19 +110,15 @@ class DGR(CLMethod):
         if not isinstance(distill, bool):
             raise ConfigError(f"method.distill={distill!r}: must be true or false")
         self.distill = distill
-        self.temperature = _positive("method.temperature", temperature)
-        self.replay_ratio = _positive("method.replay_ratio", replay_ratio)
+        self.temperature = check_number("method.temperature", temperature, strict=True)
+        self.replay_ratio = check_number("method.replay_ratio", replay_ratio, strict=True)
         self.replay_weight = None if replay_weight is None else check_number("method.replay_weight", replay_weight)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ConfigError(f"method.hidden={list(hidden)}: give one or more integer widths >= 1, e.g. [400, 400]")
         self.hidden = [int(h) for h in hidden]
-        if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
-            raise ConfigError(f"method.z_dim={z_dim!r}: must be an integer >= 1")
-        self.z_dim = z_dim
-        self.generator_lr = _positive("method.generator_lr", generator_lr)
-        if isinstance(sample_grid, bool) or not isinstance(sample_grid, int) or sample_grid < 0:
-            raise ConfigError(f"method.sample_grid={sample_grid!r}: must be an integer >= 0")
-        self.sample_grid, self.seed = sample_grid, int(seed)
+        self.z_dim = check_int("method.z_dim", z_dim)
+        self.generator_lr = check_number("method.generator_lr", generator_lr, strict=True)
+        self.sample_grid, self.seed = check_int("method.sample_grid", sample_grid, minimum=0), int(seed)
         self.generator: VAE | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.prev_generator: VAE | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -10,13 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.buffer import Buffer
 from cl_lightning.core.meta import MetaBatch, meta_loss
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.der import check_weight
-from cl_lightning.methods.er import check_buffer_fits, check_int, gather, stream_task_ids
+from cl_lightning.methods.replay import ReplayMethod
 from cl_lightning.models.backbones import routes_by_task
+from cl_lightning.validation import check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -26,7 +24,7 @@ ADAPT = ("all", "head")
 INNER_BATCH = ("split", "full")
 
 
-class OML(CLMethod):
+class OML(ReplayMethod):
     """Online meta-learning with replay: C-MAML of Gupta, Yadav & Paull, "La-MAML: Look-ahead Meta Learning for
     Continual Learning" (NeurIPS 2020, section 4): La-MAML's algorithm without its learned learning rates.
 
@@ -71,8 +69,8 @@ class OML(CLMethod):
     ``.grad`` and fires DDP's all-reduce hooks as an ordinary backward does (checked by a two-process test);
     ``torch.autograd.grad`` of the inner steps accumulates nothing and triggers no reduction. Each rank adapts on
     its own shard of the batch and the ranks' meta-gradients are averaged (a meta-batch of one task per rank, as
-    in MAML). The current batch is all-gathered before insertion, so buffers and replay batches are identical on
-    every rank (the rank-0 checkpoint is valid for all).
+    in MAML). The current batch is all-gathered before insertion (:class:`~cl_lightning.methods.replay.ReplayMethod`),
+    so buffers and replay batches are identical on every rank.
 
     Args:
         inner_steps: SGD steps of the inner loop, ``k``.
@@ -102,25 +100,19 @@ class OML(CLMethod):
         replay_batch_size: int = 10,
         seed: int = 0,
     ) -> None:
+        super().__init__(buffer_size, replay_batch_size, "reservoir", seed)
         self.inner_steps = check_int("method.inner_steps", inner_steps)
-        self.inner_lr = check_weight("method.inner_lr", inner_lr)
+        self.inner_lr = check_number("method.inner_lr", inner_lr)
         if not isinstance(first_order, bool):
             raise ConfigError(f"method.first_order={first_order!r}: must be true or false")
-        if adapt not in ADAPT:
-            raise ConfigError(f"method.adapt={adapt!r}: choose one of {', '.join(ADAPT)}")
-        if inner_batch not in INNER_BATCH:
-            raise ConfigError(f"method.inner_batch={inner_batch!r}: choose one of {', '.join(INNER_BATCH)}")
-        self.first_order, self.adapt, self.inner_batch = first_order, adapt, inner_batch
-        check_int("method.buffer_size", buffer_size)
-        self.replay_batch_size = check_int("method.replay_batch_size", replay_batch_size)
-        self.buffer = Buffer(buffer_size, "reservoir", seed)
-        self._task = -1
+        self.first_order = first_order
+        self.adapt = check_choice("method.adapt", adapt, ADAPT)
+        self.inner_batch = check_choice("method.inner_batch", inner_batch, INNER_BATCH)
         self._adapted: set[str] | None = None  # parameter names the inner steps update (None: all)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        check_buffer_fits(trainer, self.buffer)
         if self.adapt == "head":
             names = {n for n, p in pl_module.net.named_parameters() if p.requires_grad}  # type: ignore[union-attr]
             self._adapted = {n for n in names if n.startswith("head.")}
@@ -130,14 +122,6 @@ class OML(CLMethod):
                     "parameters; use method.adapt=all"
                 )
 
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.buffer.to(pl_module.device)  # restored state is loaded on the host
-
-    @override
-    def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        self._task = task_id
-
     def inner_batches(self, x: Tensor, y: Tensor, task_id: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
         """The ``(x, y, task_id)`` of each inner step."""
         if self.inner_batch == "full":
@@ -146,7 +130,7 @@ class OML(CLMethod):
         return list(zip(x.tensor_split(n), y.tensor_split(n), task_id.tensor_split(n), strict=True))
 
     @override
-    def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         net = pl_module.net
         routed = routes_by_task(net)
 
@@ -159,25 +143,11 @@ class OML(CLMethod):
 
         x, y, tid = pl_module.prepare(batch.x, train=True), batch.y, batch.task_id
         inner = [step(*part) for part in self.inner_batches(x, y, tid)]
-        if self.buffer.is_empty:
+        replay = self.draw(pl_module)  # b_m = Sample(M) ∪ b, before b is inserted
+        if replay is None:
             outer = step(x, y, tid)
         else:
-            replay = self.buffer.sample(self.replay_batch_size)
-            rx = pl_module.prepare(replay.x, train=True)
-            outer = step(torch.cat([rx, x]), torch.cat([replay.y, y]), torch.cat([replay.task_id, tid]))
+            outer = step(torch.cat([replay.x, x]), torch.cat([replay.y, y]), torch.cat([replay.task_id, tid]))
         params = {n: p for n, p in net.named_parameters() if p.requires_grad}
         result = meta_loss(net, params, loss_fn, inner, outer, self.inner_lr, self.first_order, self._adapted)
-        stored = stream_task_ids(pl_module, batch, self._task)
-        self.buffer.add(*gather(pl_module.trainer, batch.x, batch.y, stored))
         return {"meta": result.outer}
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        # the current task too: a mid-task resume does not call on_task_start again
-        return {"buffer": self.buffer.state_dict(), "task": self._task}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "buffer" in state_dict:
-            self.buffer.load_state_dict(state_dict["buffer"])
-        self._task = int(state_dict.get("task", self._task))

@@ -1,4 +1,5 @@
-"""Experience replay: config, behaviour on the synthetic blobs, buffer contents, state and resume."""
+"""Experience replay and its base, :class:`~cl_lightning.methods.replay.ReplayMethod`: behaviour on the synthetic
+blobs, buffer contents, the order of replay and insertion, the union mean, a method written on the base."""
 
 from __future__ import annotations
 
@@ -7,26 +8,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.methods import assert_resume_parity, capture
-from hydra.utils import instantiate
 
 from cl_lightning.core.buffer import Buffer
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.er import ER
+from cl_lightning.methods.replay import ReplayMethod
 from cl_lightning.train import train
+from cl_lightning.validation import check_number
 
 SMALL = ["method=er", "method.buffer_size=50", "method.replay_batch_size=32", "logger=none"]
-
-
-def test_config_instantiates(make_cfg) -> None:
-    method = instantiate(make_cfg("method=er").method)
-    assert isinstance(method, ER) and method.name == "er"
-    assert method.buffer.capacity == 500 and method.replay_batch_size == 10 and method.selection == "reservoir"
-    method = instantiate(make_cfg("method=er", "method.selection=kcenter", "seed=3").method)
-    assert method.buffer.selection == "kcenter"
 
 
 @pytest.mark.parametrize(
@@ -99,43 +95,16 @@ def test_online_stream(make_cfg, monkeypatch) -> None:
             train(make_cfg(*SMALL, *online, f"method.selection={selection}"))
 
 
-@pytest.mark.parametrize("selection", ["reservoir", "herding"])
-def test_state_round_trip(make_cfg, selection: str) -> None:
-    cfg = make_cfg(*SMALL, f"method.selection={selection}", "max_tasks=2")
-    train(cfg)
-    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
-    state = ckpt["callbacks"]["ER[er]"]
-    fresh = ER(50, 32, selection)
-    fresh.load_state_dict(state)
-    again = fresh.state_dict()
-    assert again.keys() == state.keys() and again["filled"] == state["filled"]
-    for key, value in state["buffer"].items():
-        other = again["buffer"][key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
-    assert len(fresh.buffer) == (50 if selection == "reservoir" else 50 // 4 * 4)
-
-
-@pytest.mark.parametrize("selection", ["reservoir", "class_balanced", "kcenter"])
+@pytest.mark.parametrize("selection", ["class_balanced", "kcenter"])
 def test_resume_after_a_task_equals_the_uninterrupted_run(make_cfg, selection: str) -> None:
+    # the default selection is tests/test_contract.py's; these keep per-class counts and per-task groups
     assert_resume_parity(make_cfg, *SMALL, f"method.selection={selection}")
 
 
-@pytest.mark.slow  # two command-line runs; tests/test_resume.py covers the mechanism in the default suite
-def test_sigkill_mid_task_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    # the buffer, its generator and the current task are in every mid-task checkpoint (the module does not call
-    # on_task_start again when it resumes inside a task)
-    run = [*SMALL, "dataset.source._target_=helpers.synthetic.blobs", "dataset.name=blobs", "epochs_per_task=2",
-           "batch_size=16", "threads=1"]  # fmt: skip
-    _, killed, expected = assert_mid_task_resume(tmp_path, run)
-    state = killed["callbacks"]["ER[er]"]
-    assert state["task"] == expected["callbacks"]["ER[er]"]["task"] == 4
-    for key, value in expected["callbacks"]["ER[er]"]["buffer"].items():
-        other = state["buffer"][key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
-
-
 def assert_mid_task_resume(tmp_path: Path, run: list[str]) -> tuple[dict, dict, dict]:
-    """Run uninterrupted; run again killed at step 18 (mid task 2) and resume; return both results and checkpoints."""
+    """Run uninterrupted; run again killed at step 18 (mid task 2) and resume; return both results and checkpoints.
+
+    (Used by ``test_pnn.py``; ER's own mid-task resume is ``tests/test_contract.py``'s.)"""
     repo = Path(__file__).resolve().parents[2]
 
     def cli(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -167,8 +136,6 @@ def test_loss_is_one_mean_over_the_union_of_batch_and_replay(make_cfg, monkeypat
     the replayed batch together, not the sum of the two means (which doubles the step on replay steps). The loss the
     module backpropagates must have the union mean's value and gradient, with replay and batch of different sizes
     (16 and 5) and each sample masked by the scenario."""
-    import torch.nn.functional as F
-
     from cl_lightning.models.module import CLModule
 
     drawn: list = []
@@ -250,3 +217,61 @@ def test_with_a_method_that_replaces_the_task_loss_the_term_is_the_replay_mean()
     torch.testing.assert_close(ce_b + union, (4 * ce_b + 2 * replay_ce) / 6)
     owner = SimpleNamespace(methods=[OwnObjective()], training_logits=lambda z, t: z)
     assert ER.union_term(owner, batch, logits, replay_ce, 2) is replay_ce  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- the base, as a newcomer uses it
+class LabelReplay(ReplayMethod):
+    """The example of ``methods/replay.py``'s docstring: ``L = CE(f(x), y) + beta * CE(f(aug(x')), y')``."""
+
+    name: ClassVar[str] = "label_replay"
+
+    def __init__(self, buffer_size: int = 500, replay_batch_size: int = 10, beta: float = 1.0, seed: int = 0) -> None:
+        super().__init__(buffer_size, replay_batch_size, self.selections[0], seed)
+        self.beta = check_number("method.beta", beta)
+
+    def replay_terms(self, pl_module, batch, logits):
+        replay = self.draw(pl_module)
+        if replay is None:
+            return {}
+        out = pl_module(replay.x, replay.task_id)
+        return {"replay": self.beta * F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)}
+
+
+class EpisodicReplay(LabelReplay):
+    """The same loss on GEM's memories: ``buffer_size // n_tasks`` random samples of each task, chosen at its end."""
+
+    name: ClassVar[str] = "episodic_replay"
+    selections: ClassVar[tuple[str, ...]] = ("random",)
+    memory_per_task: ClassVar[bool] = True
+    needs_task_boundaries: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("cls", [LabelReplay, EpisodicReplay])
+def test_a_method_written_on_the_base_replays(make_cfg, monkeypatch, cls: type[ReplayMethod]) -> None:
+    methods = capture(monkeypatch, cls)
+    custom = [f"method._target_={cls.__module__}.{cls.__qualname__}", "~method.selection", "method.buffer_size=50"]
+    naive = train(make_cfg("logger=none"))
+    results = train(make_cfg(*SMALL, *custom))
+    assert results["avg_acc"] > naive["avg_acc"] + 0.3 and results["forgetting"] < naive["forgetting"] - 0.3
+    (method,) = methods
+    buf = method.buffer
+    if cls is EpisodicReplay:  # 50 // 5 tasks: 10 random samples of each task, chosen at its end
+        assert method.quota == 10 and torch.bincount(buf.task_id[: len(buf)]).tolist() == [10, 10, 10, 10, 10]
+    else:
+        assert len(buf) == 50 and buf.n_seen == 5 * 80 * 4, "every step's batch offered: 5 tasks, 80 samples, 4 epochs"
+    state = method.state_dict()
+    assert state["task"] == 4 and state["filled"] == (4 if cls is EpisodicReplay else -1)
+    assert all(v.device.type == "cpu" for v in state["buffer"].values() if isinstance(v, torch.Tensor))
+
+
+def test_draw_prepares_the_replay_batch_and_returns_none_while_empty() -> None:
+    from types import SimpleNamespace
+
+    method = LabelReplay(buffer_size=8, replay_batch_size=3)
+    module = SimpleNamespace(prepare=lambda x, train=False: x.float() / 255 if train else None)
+    assert method.draw(module) is None  # type: ignore[arg-type]
+    method.buffer.add(torch.full((5, 2), 255, dtype=torch.uint8), torch.arange(5), 0)
+    replay = method.draw(module)  # type: ignore[arg-type]
+    assert replay is not None and len(replay.y) == 3 and replay.x.dtype == torch.float32
+    assert bool((replay.x == 1).all()), "network inputs, prepared as a training batch"
+    assert len(method.draw(module, n=10).y) == 5  # type: ignore[arg-type,union-attr]
