@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from cl_lightning.core.buffer import Buffer
 from cl_lightning.core.projection import agem_project, flat_grad, write_flat_grad
-from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.er import ProjectionRate, check_buffer_fits, check_int, fill_from_task, per_task_quota
+from cl_lightning.methods.replay import ProjectionRate, ReplayMethod
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
 
 
-class AGEM(CLMethod):
+class AGEM(ReplayMethod):
     """A-GEM (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019, eq. 11).
 
     GEM's constraints are replaced by one on the average memory loss: with ``g`` the current gradient and
@@ -50,53 +48,26 @@ class AGEM(CLMethod):
     needs_task_boundaries: ClassVar[bool] = True
     gradient_edit: ClassVar[str | None] = "projection"
 
+    selections: ClassVar[tuple[str, ...]] = ("random",)
+    memory_per_task: ClassVar[bool] = True  # buffer_size // n_tasks samples of each task, chosen at its end
+
     def __init__(self, buffer_size: int = 500, replay_batch_size: int = 128, seed: int = 0) -> None:
-        self.buffer_size = check_int("method.buffer_size", buffer_size)
-        self.replay_batch_size = check_int("method.replay_batch_size", replay_batch_size)
-        self.buffer = Buffer(buffer_size, "random", seed)
-        self.quota = 0
-        self._filled = -1
+        super().__init__(buffer_size, replay_batch_size, "random", seed)
         self._rate = ProjectionRate(self.name)  # a diagnostic
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        check_buffer_fits(trainer, self.buffer)
-        self.quota = per_task_quota(trainer, self.buffer_size, self.name)
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.buffer.to(pl_module.device)  # restored state is loaded on the host
-
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        if task_id > self._filled:
-            fill_from_task(self.buffer, trainer, pl_module, task_id, quota=self.quota)
-            self._filled = task_id
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.buffer.is_empty:
-            return
         module: CLModule = pl_module  # type: ignore[assignment]
+        ref = self.draw(module)  # None while the memory is empty (the first task)
+        if ref is None:
+            return
         params = [p for p in module.parameters() if p.requires_grad]
-        ref = self.buffer.sample(self.replay_batch_size)
         with torch.enable_grad():
-            out = module(module.prepare(ref.x, train=True), ref.task_id)
+            out = module(ref.x, ref.task_id)
             loss = F.cross_entropy(module.training_logits(out, ref.task_id), ref.y)
             g_ref = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
         g = flat_grad([p.grad for p in params], params)
         write_flat_grad(params, agem_project(g, g_ref))
         self._rate.update(module, torch.dot(g, g_ref) < 0)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict(), "filled": self._filled}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "buffer" in state_dict:
-            self.buffer.load_state_dict(state_dict["buffer"])
-        self._filled = int(state_dict.get("filled", self._filled))

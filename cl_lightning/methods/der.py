@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
-check_weight = check_number  # re-exported for gem.py/agem.py until they use methods/replay.py
-
 
 class DER(ReplayMethod):
     """Dark Experience Replay (Buzzega et al., "Dark Experience for General Continual Learning: a Strong, Simple

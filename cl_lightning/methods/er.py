@@ -9,22 +9,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.buffer import STREAMING_SELECTIONS
-from cl_lightning.methods.replay import ProjectionRate, ReplayMethod, check_buffer_fits, fill_from_task, per_task_quota
-from cl_lightning.validation import check_int
+from cl_lightning.methods.replay import ReplayMethod
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
-__all__ = [
-    "ER",
-    # re-exported for gem.py/agem.py until they use methods/replay.py
-    "ProjectionRate",
-    "check_buffer_fits",
-    "check_int",
-    "fill_from_task",
-    "per_task_quota",
-]
+__all__ = ["ER"]
 
 
 class ER(ReplayMethod):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -10,7 +10,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.importance import FISHER_MODES, diagonal_fisher
-from cl_lightning.errors import ConfigError
 from cl_lightning.methods.regularizer import QuadraticRegularizer, scenario_outputs, task_importance
 from cl_lightning.methods.strength import AUTO
 from cl_lightning.validation import check_choice, check_int, check_optional_int
@@ -18,15 +17,9 @@ from cl_lightning.validation import check_choice, check_int, check_optional_int
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
 
-__all__ = ["EWC", "check_number"]
+__all__ = ["EWC"]
 
 
-# kept for dgr.py until it imports cl_lightning.validation
-def check_number(key: str, value: Any, minimum: float = 0.0) -> float:
-    """A finite number >= ``minimum`` from the config, or a one-line :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not minimum <= value < float("inf"):
-        raise ConfigError(f"{key}={value!r}: must be a number >= {minimum}")
-    return float(value)
 
 
 class EWC(QuadraticRegularizer):

@@ -13,8 +13,8 @@ from typing_extensions import override
 from cl_lightning.core.buffer import Buffer, BufferSample
 from cl_lightning.core.projection import flat_grad, gem_stacked_dual, write_flat_grad
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.methods.der import check_weight
-from cl_lightning.methods.er import ProjectionRate, check_buffer_fits, check_int, fill_from_task, per_task_quota
+from cl_lightning.methods.replay import ProjectionRate, check_buffer_fits, fill_from_task, per_task_quota
+from cl_lightning.validation import check_int, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.models.module import CLModule
@@ -96,8 +96,8 @@ class GEM(CLMethod):
         if replay_batch_size is not None:
             check_int("method.replay_batch_size", replay_batch_size)
         self.replay_batch_size = replay_batch_size
-        self.memory_strength = check_weight("method.memory_strength", memory_strength)
-        self.eps = check_weight("method.eps", eps)
+        self.memory_strength = check_number("method.memory_strength", memory_strength)
+        self.eps = check_number("method.eps", eps)
         self.buffer = Buffer(buffer_size, "random", seed)
         self.quota = 0
         self._filled = -1

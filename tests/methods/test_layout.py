@@ -18,19 +18,7 @@ SHARED = {"base", "regularizer", "replay", "strength"}
 
 # (importing module, imported method module) pairs that break the rule today, each to be removed with its cause;
 # the test fails when one no longer occurs, so the list only shrinks
-KNOWN = {
-    # removed by the replay base
-    ("agem", "er"),
-    ("der", "er"),
-    ("derpp", "der"),
-    ("dgr", "er"),
-    ("gem", "der"),
-    ("gem", "er"),
-    ("oml", "der"),
-    ("oml", "er"),
-    # removed when dgr.py imports check_number from cl_lightning.validation
-    ("dgr", "ewc"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def sibling(node: ast.ImportFrom) -> str | None:
