@@ -62,6 +62,7 @@ def test_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(report) in text
 
 
+@pytest.mark.slow  # the longer notebook (four methods, orders, hybrids): with -m slow, as CI runs it
 def test_compare_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text, images = outputs(execute("compare_methods", tmp_path, monkeypatch))
     available = {p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml")}

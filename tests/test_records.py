@@ -134,6 +134,7 @@ def test_unwritable_output_directory_is_one_line(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "a_file is a file" in proc.stderr
 
 
+@pytest.mark.slow  # waits for a task to finish in a subprocess: with -m slow, as CI runs it
 def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     env = {**os.environ, "CL_OUTPUT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     proc = subprocess.Popen(
