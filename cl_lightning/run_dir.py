@@ -166,13 +166,12 @@ class RunDirectory:
             if any(self.path.iterdir()):
                 self.release()
                 return
-        if self.created_here and self.path.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
-            for parent in self.path.absolute().parents:
-                if parent == self._keep:
-                    break
-                with contextlib.suppress(OSError):
-                    parent.rmdir()  # only when empty: another run may have appeared there meanwhile
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.path.absolute().parents:
+            if parent == self._keep:
+                break
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty: another run may have appeared there meanwhile
         self.release()
 
     def release(self) -> None:
