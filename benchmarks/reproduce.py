@@ -204,6 +204,10 @@ def main() -> None:
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 results = run_method(spec, overrides, args.seeds, args.jobs, Path(tmp))
+        missing = sorted(set(args.seeds) - {r["seed"] for r in results if r.get("complete")})
+        if missing:
+            # a table is never written from failed, diverged or missing runs
+            sys.exit(f"{spec}: no complete run for seed(s) {missing}; nothing written to docs/results/")
         accs = [100 * r["avg_acc"] for r in results if r.get("complete")]
         by_seed = defaultdict(float, {r["seed"]: 100 * r["avg_acc"] for r in results})
         mean = statistics.mean(accs) if accs else float("nan")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["distillation_loss", "output_groups"]
+__all__ = ["distillation_loss", "output_groups", "padded_distillation_loss"]
 
 
 def output_groups(masks: Tensor) -> Tensor | list[Tensor]:
@@ -73,3 +73,39 @@ def distillation_loss(
             kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none")
             total = total + kl.sum(1)
     return total.mean() * temperature**2
+
+
+def padded_distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, student_outputs: Tensor, teacher_outputs: Tensor, temperature: float
+) -> Tensor:
+    """``T^2 * KL(p || q)`` with ``q`` the student's softmax over ``student_outputs`` and ``p`` the teacher's softmax
+    over ``teacher_outputs`` (a subset), padded with zero probability on the student's other outputs; batch mean.
+
+    Van de Ven & Tolias's (2019) class-incremental distillation (their ``loss_fn_kd`` appends zeros to the targets):
+    the student's distribution covers every class seen so far, the current task's included, and the targets put no
+    mass on the current task's classes, so the term also pulls those classes' probabilities down on the new data.
+    With ``student_outputs == teacher_outputs`` it is :func:`distillation_loss` of one group.
+
+    Args:
+        student_logits: ``[B, K]``, in the autograd graph (entries outside ``student_outputs`` may be ``-inf``).
+        teacher_logits: ``[B, K]``, constants.
+        student_outputs: ``[K]`` boolean mask.
+        teacher_outputs: ``[K]`` boolean mask, contained in ``student_outputs``.
+        temperature: ``T > 0``.
+
+    Example:
+        >>> z = torch.tensor([[2.0, 0.0, 5.0]])
+        >>> seen, old = torch.tensor([True, True, True]), torch.tensor([True, True, False])
+        >>> padded_distillation_loss(z, z, old, old, 1.0).item()
+        0.0
+        >>> padded_distillation_loss(z, z, seen, old, 1.0).item() > 0  # the new class's mass is penalised
+        True
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    t = temperature
+    log_q = F.log_softmax(student_logits.masked_fill(~student_outputs, float("-inf")) / t, -1)
+    log_p = F.log_softmax(teacher_logits.detach().to(log_q.dtype).masked_fill(~teacher_outputs, float("-inf")) / t, -1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(1)
+    return kl.mean() * t**2

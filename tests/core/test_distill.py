@@ -58,3 +58,27 @@ def test_output_groups() -> None:
     assert isinstance(groups, list) and [g.tolist() for g in groups] == [[0, 1], [2, 3, 4]]
     with pytest.raises(ValueError, match="temperature"):
         distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), [torch.tensor([0, 1])], temperature=0.0)
+
+
+def test_padded_loss_is_the_kl_to_targets_with_zeros_on_the_new_outputs() -> None:
+    """Van de Ven & Tolias's class-IL distillation: q over old + new classes, p over old classes padded with 0."""
+    from cl_lightning.core.distill import padded_distillation_loss
+
+    torch.manual_seed(0)
+    student = torch.randn(5, 6, requires_grad=True)
+    teacher = torch.randn(5, 6)
+    seen = torch.tensor([True, True, True, True, False, False])
+    old = torch.tensor([True, True, False, False, False, False])
+    t = 2.0
+    loss = padded_distillation_loss(student.masked_fill(~seen, float("-inf")), teacher, seen, old, t)
+    p = torch.cat([torch.softmax(teacher[:, :2] / t, 1), torch.zeros(5, 2)], 1)
+    log_q = torch.log_softmax(student[:, :4] / t, 1)
+    expected = (p[:, :2] * (p[:, :2].log() - log_q[:, :2])).sum(1).mean() * t**2 - (p[:, 2:] * log_q[:, 2:]).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()
+    assert (student.grad[:, 4:] == 0).all(), "outputs not trained on get no gradient"
+    assert (student.grad[:, 2:4] > 0).all(), "the new classes' logits are pushed down"
+    # same outputs for both: the plain distillation of one group
+    same = padded_distillation_loss(student, teacher, old, old, t)
+    assert same.item() == pytest.approx(distillation_loss(student, teacher, [torch.tensor([0, 1])], t).item(), rel=1e-5)

@@ -130,3 +130,53 @@ def test_distilled_outputs_follow_the_scenario(scenario: str, groups: list[list[
 def test_runs_in_every_scenario(make_cfg, scenario: str) -> None:
     results = train(make_cfg(*QUICK, f"dataset.scenario={scenario}"))
     assert results["complete"] and results["scenario"] == scenario
+
+
+@pytest.mark.parametrize(("scenario", "per_task"), [("class_il", True), ("task_il", False)])
+def test_alpha_tasks_weights_by_the_number_of_previous_tasks(make_cfg, monkeypatch, scenario, per_task) -> None:
+    """``alpha=tasks`` (van de Ven & Tolias): in task ``t`` the term is ``t`` times the mean over the old groups:
+    ``t`` times the distillation of the one group of class-IL, the sum over the ``t`` old heads of task-IL."""
+    seen: list[tuple[int, float, float]] = []
+    loss_terms = LwF.loss_terms
+
+    def recording(self, pl_module, batch, logits):
+        terms = loss_terms(self, pl_module, batch, logits)
+        if "distill" in terms:
+            with torch.no_grad():
+                teacher = self.teacher(pl_module.prepare(batch.x, train=False))
+            plain = distillation_loss(logits, teacher, self._groups, self.temperature)
+            seen.append((int(pl_module.current_task), float(terms["distill"].detach()), float(plain)))
+        return terms
+
+    monkeypatch.setattr(LwF, "loss_terms", recording)
+    train(make_cfg(*QUICK, "method.alpha=tasks", "max_tasks=3", f"dataset.scenario={scenario}"))
+    assert {task for task, _, _ in seen} == {1, 2}
+    for task, term, plain in seen:
+        assert term == pytest.approx((task if per_task else 1) * plain, rel=1e-5, abs=1e-9)
+
+
+def test_seen_outputs_pull_the_new_classes_down_from_the_first_step(make_cfg, monkeypatch) -> None:
+    """``class_il_outputs=seen``: the targets put no mass on the current task's classes, so the term is positive at
+    the first step of task 1 (where ``old``, over the old classes only, is zero) and its gradient lowers those
+    classes' logits on the new data."""
+    first: dict[str, float] = {}
+    loss_terms = LwF.loss_terms
+
+    def recording(self, pl_module, batch, logits):
+        terms = loss_terms(self, pl_module, batch, logits)
+        if "distill" in terms and self.class_il_outputs not in first:
+            first[self.class_il_outputs] = float(terms["distill"].detach())
+        return terms
+
+    monkeypatch.setattr(LwF, "loss_terms", recording)
+    for outputs in ("old", "seen"):
+        train(make_cfg(*QUICK, f"method.class_il_outputs={outputs}", "max_tasks=2", "dataset.scenario=class_il"))
+    assert first["old"] == pytest.approx(0.0, abs=1e-7)
+    assert first["seen"] > 1e-3
+
+
+@pytest.mark.parametrize(("override", "message"), [("method.alpha=often", "method.alpha='often'"),
+                                                   ("method.class_il_outputs=new", "method.class_il_outputs='new'")])
+def test_bad_choices_fail_with_the_key(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg("method=lwf", override, "logger=none"))
