@@ -1,13 +1,15 @@
 """The contract between a continual method and the training loop.
 
-A method changes training through three doors only (``CONVENTIONS.md``, rule 3):
+A method changes training through four doors only (``CONVENTIONS.md``, rule 3):
 
 1. **loss terms** -- :meth:`CLMethod.loss_terms` returns named extra losses; :class:`~cl_lightning.models.CLModule`
    adds them to the task loss and logs each by name (no callback hook can replace the loss);
 2. **gradient edits** -- Lightning's ``on_before_optimizer_step`` (after AMP unscaling);
 3. **task events** -- :meth:`CLMethod.on_task_start` / :meth:`CLMethod.on_task_end`, called by the module from
    inside ``trainer.fit`` (so the strategy, the optimizer and the process group exist), at most once per task even
-   across a resume.
+   across a resume;
+4. **a model of its own** -- :meth:`CLMethod.auxiliary_step`, called by the module in every training step, where a
+   method trains a model that is not the network (deep generative replay's generator) with its own optimizer.
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ class CLMethod(pl.Callback):
         """Whether this method's loss terms are the whole objective, so the module does not add the plain
         cross-entropy of the current batch (it still logs it). At most one method in a combination may do so."""
         return False
+
+    def auxiliary_step(self, pl_module: CLModule, batch: Batch) -> None:
+        """Train a model of the method's own (not the network) on this training batch: its forward, backward and
+        optimizer step (default: none; the module calls only the methods that override it).
+
+        Called by the module once per training step, after :meth:`loss_terms` and before the network's backward
+        pass, outside autocast. The method's backward must not reach the network's parameters (train separate
+        parameters; use frozen copies or ``torch.no_grad()`` for anything of the network's). Its model and
+        optimizer state go in :meth:`state_dict`. Taken inside the step, the update is in every checkpoint written
+        after the step (a mid-task one included), so a resumed run continues exactly.
+        """
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         """Called once when training on ``task_id`` begins.

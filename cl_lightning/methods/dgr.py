@@ -60,7 +60,9 @@ class DGR(CLMethod):
     (``prepare(x', train=True)``).
 
     The generator ``G`` (:class:`~cl_lightning.core.vae.VAE`, fully connected ``D-400-400-z100`` and mirror, Bernoulli
-    output, loss per element) is trained one Adam step per training step, after the solver's, with the same
+    output, loss per element) is trained one Adam step per training step (the contract's
+    :meth:`~cl_lightning.contract.CLMethod.auxiliary_step`: in the solver's step, on parameters of its own, so the
+    order of the two updates does not matter; van de Ven & Tolias take it after the solver's), with the same
     weighting on the current batch and the same replayed samples: ``L_G = L_VAE(x) + w * L_VAE(x')`` (``G`` learns
     the previous tasks from ``G_{t-1}``'s samples). Its optimizer is kept across tasks (van de Ven & Tolias's
     default). The generator sees the batch as stored, scaled to ``[0, 1]`` (no augmentation, no normalisation);
@@ -224,10 +226,9 @@ class DGR(CLMethod):
 
     # ------------------------------------------------------------------ the generator's step
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Batch, batch_idx: int
-    ) -> None:
+    def auxiliary_step(self, pl_module: CLModule, batch: Batch) -> None:
         assert self.generator is not None and self.optimizer is not None
+        trainer = pl_module.trainer
         (x,) = gather(trainer, batch.x)  # every rank trains on every rank's batch: identical generators
         self.generator.train()
         current = self.generator.loss(x.float().div(255.0), self.rng)
@@ -239,11 +240,10 @@ class DGR(CLMethod):
         loss.backward()
         self.optimizer.step()
         self._last = VAELoss(current.recon.detach(), current.kl.detach())
-        module: CLModule = pl_module  # type: ignore[assignment]
-        step = trainer.global_step - 1  # the step the module logged its losses at
-        if module.logger is not None and step % module.log_every_n_steps == 0:
+        step = trainer.global_step  # the step the module logs its losses at
+        if pl_module.logger is not None and step % pl_module.log_every_n_steps == 0:
             values = {"train/dgr/generator_recon": self._last.recon, "train/dgr/generator_kl": self._last.kl}
-            module.logger.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            pl_module.logger.log_metrics({k: float(v) for k, v in values.items()}, step=step)
 
     # ------------------------------------------------------------------ task end
     @override

@@ -97,6 +97,7 @@ class CLModule(pl.LightningModule):
         self._optimizer: torch.optim.Optimizer | None = None
         self._methods: list[CLMethod] = []
         self._replaces_task_loss = False
+        self._auxiliary: list[CLMethod] = []  # methods that train a model of their own each step
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
@@ -164,6 +165,7 @@ class CLModule(pl.LightningModule):
         # every fit and every test (the initial evaluation comes before any fit)
         self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
         self._replaces_task_loss = any(m.replaces_task_loss() for m in self._methods)
+        self._auxiliary = [m for m in self._methods if type(m).auxiliary_step is not CLMethod.auxiliary_step]
 
     @override
     def on_train_start(self) -> None:
@@ -203,6 +205,10 @@ class CLModule(pl.LightningModule):
         else:
             loss = task_loss + sum(terms.values()) if terms else task_loss
         self.check_finite(loss)
+        if self._auxiliary:
+            with torch.autocast(self.device.type, enabled=False):
+                for method in self._auxiliary:
+                    method.auxiliary_step(self, batch)
         if self.global_step % self.log_every_n_steps == 0 and self.logger is not None:
             # Straight to the logger, every n steps: `self.log` on every step costs as much as a small model's
             # forward pass (measured in benchmarks/overhead.py).

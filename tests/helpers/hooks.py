@@ -104,3 +104,25 @@ class BlowUpAtTask(pl.Callback):
         if int(pl_module.current_task) == self.task:
             with torch.no_grad():
                 next(pl_module.net.parameters()).fill_(float("nan"))
+
+
+class OwnModel(CLMethod):
+    """Trains a small model of its own in :meth:`auxiliary_step` (one SGD step per training step) and records, for
+    each call, the step and whether the network's gradients were left as they were."""
+
+    name: ClassVar[str] = "own_model"
+
+    def __init__(self) -> None:
+        self.model = nn.Linear(1, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.calls: list[tuple[int, bool]] = []
+
+    def auxiliary_step(self, pl_module: Any, batch: Any) -> None:
+        before = [None if p.grad is None else p.grad.clone() for p in pl_module.net.parameters()]
+        loss = (self.model(torch.ones(1, 1)) - 1.0).pow(2).sum()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        after = [p.grad for p in pl_module.net.parameters()]
+        untouched = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after, before, strict=True))
+        self.calls.append((int(pl_module.trainer.global_step), untouched))

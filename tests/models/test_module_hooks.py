@@ -76,3 +76,24 @@ def test_method_diagnostics_reach_results_and_the_logger(make_cfg) -> None:
     acc.Reload()
     logged = [e.value for e in acc.Scalars("diagnostics/reporting/tasks_ended")]
     assert logged == [1.0, 2.0, 3.0]
+
+
+def test_a_method_trains_its_own_model_once_per_step(make_cfg) -> None:
+    """The fourth door: ``auxiliary_step`` runs once in every training step and trains only the method's model."""
+    run = train(make_cfg(*TASK_IL, "method._target_=helpers.hooks.OwnModel", "max_tasks=2"))
+    (method,) = run.methods
+    steps = [step for step, _ in method.calls]
+    assert steps == list(range(run.trainer.global_step)), "one call per optimizer step, in order"
+    assert all(untouched for _, untouched in method.calls)
+    assert method.model.weight.grad is not None
+
+
+def test_methods_without_a_model_of_their_own_are_not_called_per_step(make_cfg, monkeypatch) -> None:
+    from cl_lightning.contract import CLMethod
+
+    def fail(self, pl_module, batch):  # the base class's no-op, which the module must not even call
+        raise AssertionError("called")
+
+    monkeypatch.setattr(CLMethod, "auxiliary_step", fail)
+    run = train(make_cfg(*TASK_IL, "method=naive", "max_tasks=1"))
+    assert run["tasks_completed"] == 1
