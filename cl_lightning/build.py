@@ -81,7 +81,9 @@ def validate_config(cfg: DictConfig) -> None:
     integer("steps_per_task", 1, optional=True)
     integer("batch_size", 1)
     integer("seed", 0)
-    integer("threads", 1, optional=True)
+    threads = OmegaConf.select(cfg, "threads")
+    if threads != "auto" and threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads={threads!r}: must be auto, an integer >= 1, or null (torch's default)")
     integer("max_tasks", 1, optional=True)
     integer("checkpoint_every_n_steps", 1, optional=True)
     integer("eval_every_n_steps", 1, optional=True)

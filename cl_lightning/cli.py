@@ -6,12 +6,17 @@ and the run's modules are imported only when a run starts (:func:`cl_lightning.t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+# Before torch (and its OpenMP runtime) is loaded: idle OpenMP threads sleep instead of spinning on a core that
+# another process needs (cl_lightning/threads.py). A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from cl_lightning.config_resolvers import register_resolvers
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from cl_lightning.config_resolvers import register_resolvers  # noqa: E402
 
 # The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
 # `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).

@@ -31,6 +31,7 @@ from cl_lightning.results import write_json_atomic
 from cl_lightning.resume import prepare_resume
 from cl_lightning.run_dir import FAILED_FILE, RunDirectory, launch_rank
 from cl_lightning.task_loop import Run, RunInterrupted, run_tasks
+from cl_lightning.threads import auto_threads, batch_flops
 
 __all__ = ["CONFIG_DIR", "Run", "RunInterrupted", "main", "run_command", "train"]
 
@@ -65,11 +66,10 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
             if resume_state is None:
                 run_dir.write_hydra_files(cfg)  # the sweep summary reads a failed job's overrides there too
         validate_config(cfg)
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         run = Run()
         run.module, run.datamodule, run.methods, run.trainer, epochs = build_run(cfg, run_dir.path)
+        set_threads(cfg.get("threads"), run)
         if resume_state is not None:
             log.info("resuming from %s", ckpt_path)
         trained = run_tasks(cfg, run, epochs, resume_state)
@@ -80,6 +80,19 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         raise
     finally:
         run_dir.release()
+
+
+def set_threads(threads: int | str | None, run: Run) -> None:
+    """Torch's intra-op threads: ``auto`` picks them from the work and the machine (:mod:`cl_lightning.threads`),
+    a number is used as given, ``null`` keeps torch's default."""
+    if threads == "auto":
+        dm, trainer = run.datamodule, run.trainer
+        flops = batch_flops(run.module.net, dm.input_shape, dm.batch_size)
+        processes = trainer.num_devices if trainer.strategy.root_device.type == "cpu" else 1
+        threads = auto_threads(flops, processes)
+        log.info("threads=auto: %d intra-op thread(s) (forward pass over a batch: %.2g FLOPs)", threads, flops)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
 
 
 def run_command(cfg: DictConfig) -> float | None:
