@@ -14,7 +14,8 @@ and the ratios of medians to naive's, and writes them to ``docs/results/replay_s
 ``--profile`` also runs each replay method once under ``cProfile`` and records the five functions with the most
 own time (``tottime``), to check that buffer insertion and sampling are not among them.
 
-``--methods`` times a subset (``naive`` is always added: ratios are taken against it within the same run); with
+``--methods`` times a subset (``naive`` is always added: ratios are taken against it within the same run; ``ewc``,
+with P1's lambda 100, and other non-replay methods can be added); with
 ``--out`` the table goes to another file, e.g. to merge a subset's rows into the results by hand.
 
 Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/replay_speed.py [--repeats 3] [--steps 500 | --epochs 1]
@@ -52,10 +53,15 @@ BARS = {"er": 2.2, "der": 2.2, "derpp": 2.2, "agem": 2.5, "gem": 4.0}
 BUFFER_CODE = ("(buffer.py:",)
 
 
+REPLAY = ("er", "der", "derpp", "agem", "gem")
+
+
 def method_overrides(spec: str, replay_batch_size: int) -> list[str]:
     method, _, replay = spec.partition(":")
-    if method == "naive":
-        return ["method=naive"]
+    if method == "ewc":  # P1's EWC: lambda 100, the exact Fisher (the default)
+        return ["method=ewc", "method.lambda_=100"]
+    if method not in REPLAY:
+        return [f"method={method}"]
     overrides = [f"method={method}", "method.buffer_size=500"]
     if method != "gem" or replay:  # GEM: each past task's whole memory (the paper) unless gem:n
         overrides.append(f"method.replay_batch_size={replay or replay_batch_size}")

@@ -1,9 +1,12 @@
 """Per-parameter importance of the regularization methods, and the quadratic penalty they share (Lightning-free).
 
 - :func:`diagonal_fisher`: the diagonal of the Fisher information of a classifier (EWC, online EWC), from per-sample
-  gradients (``torch.func``: ``functional_call`` + ``vmap`` + ``grad``), never from the square of a batch-mean
-  gradient (which is ``B`` times smaller in expectation and mixes samples);
-- :func:`mas_importance`: Memory Aware Synapses' mean absolute per-sample gradient of the squared output norm;
+  gradients, never from the square of a batch-mean gradient (which is ``B`` times smaller in expectation and mixes
+  samples): for Linear and Conv2d layers from one batched backward pass per class
+  (:mod:`cl_lightning.core.layer_grads`), for every other parameter from ``torch.func`` (``functional_call`` +
+  ``vmap`` + ``grad``);
+- :func:`mas_importance`: Memory Aware Synapses' mean absolute per-sample gradient of the squared output norm, the
+  same way;
 - :class:`PathIntegral`: Synaptic Intelligence's running path integral of the loss gradient along the parameter
   trajectory, and :func:`si_omega` its normalisation;
 - :func:`quadratic_penalty`: ``sum_i w_i (theta_i - theta*_i)^2`` over a list of parameters, fused with
@@ -21,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from cl_lightning.core.layer_grads import LayerCapture, batched_layers
 
 FISHER_MODES = ("exact", "sampled", "empirical")
 
@@ -56,12 +61,32 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------- per-sample gradients
-def _functional(net: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Trainable parameters (differentiated) and everything else (frozen parameters, buffers), detached."""
-    params = {n: p.detach() for n, p in trainable_parameters(net).items()}
-    rest = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
+def _functional(net: nn.Module, names: set[str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Trainable parameters (differentiated; only ``names`` if given) and everything else (other parameters,
+    buffers), detached."""
+    trainable = trainable_parameters(net)
+    params = {n: p.detach() for n, p in trainable.items() if names is None or n in names}
+    rest = {n: p.detach() for n, p in net.named_parameters() if n not in params}
     rest |= dict(net.named_buffers())
     return params, rest
+
+
+def _per_sample(net: nn.Module, names: set[str], outputs: Tensor | None, kind: str) -> tuple[Callable, dict[str, Tensor]]:
+    """``vmap``-ed per-sample gradients of the parameters ``names`` (the others held constant) of the picked log
+    probability (``kind="log_prob"``, arguments ``(params, x, c)``) or the squared logit norm (``"norm"``,
+    ``(params, x)``), and the parameters to call it with."""
+    params, rest = _functional(net, names)
+    logits = _one_sample_logits(net, rest, outputs)
+
+    def picked_log_prob(p: dict[str, Tensor], x: Tensor, c: Tensor) -> Tensor:
+        return torch.log_softmax(logits(p, x), dim=-1).gather(0, c.unsqueeze(0)).squeeze(0)
+
+    def squared_norm(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return logits(p, x).square().sum()
+
+    if kind == "log_prob":
+        return vmap(grad(picked_log_prob), in_dims=(None, 0, 0)), params
+    return vmap(grad(squared_norm), in_dims=(None, 0)), params
 
 
 def _one_sample_logits(net: nn.Module, rest: dict[str, Tensor], outputs: Tensor | None) -> Callable[..., Tensor]:
@@ -93,6 +118,7 @@ def diagonal_fisher(
     chunk_size: int = 8,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    batched: bool = True,
 ) -> dict[str, Tensor]:
     """Diagonal of the Fisher information of a softmax classifier, per trainable parameter.
 
@@ -100,15 +126,19 @@ def diagonal_fisher(
     ``g_c(x) = d log p(c|x) / d theta``:
 
     - ``exact``: ``F = E_x[ sum_c p(c|x) g_c(x)^2 ]``, the expectation over the model's own predictive
-      distribution (one gradient per sample and class: ``len(outputs)`` times the cost of the others);
+      distribution (one backward pass per class: ``len(outputs)`` times the cost of the others);
     - ``sampled``: ``F = E_x[ g_c(x)^2 ]`` with ``c ~ p(.|x)`` drawn once per sample (an unbiased estimate of
       ``exact``);
     - ``empirical``: ``F = E_x[ g_y(x)^2 ]`` with the true labels ``y`` (the "empirical Fisher").
 
     The network is evaluated in eval mode (BatchNorm running statistics used, not updated; no dropout) and its
-    modes are restored. Per-sample gradients come from ``vmap(grad(...))`` over chunks of ``chunk_size`` gradients
+    modes are restored. The sums of squared per-sample gradients of Linear and Conv2d layers come from backward
+    passes over blocks of 256 samples, one per class for ``exact`` and one for the other modes
+    (:class:`~cl_lightning.core.layer_grads.LayerCapture`; this needs a network that treats samples independently
+    in eval mode, as every ``torch.nn`` layer does; ``batched=False`` computes everything per sample). The other
+    parameters' per-sample gradients come from ``vmap(grad(...))`` over chunks of ``chunk_size`` gradients
     (memory: ``chunk_size x n_params`` floats); ``exact`` mode takes one per (sample, class) pair, weighted by
-    ``p(c|x)``.
+    ``p(c|x)``. Both give the same values up to float rounding (``tests/core/test_importance.py``).
 
     Args:
         net: The classifier; ``net(x)`` maps a batch to logits.
@@ -119,6 +149,7 @@ def diagonal_fisher(
         chunk_size: Gradients per vectorised computation.
         generator: Draws the labels of ``sampled`` mode (on the CPU).
         reduction: ``mean`` over samples, or ``sum`` (to combine shards, e.g. across processes, before dividing).
+        batched: Use the batched path for Linear and Conv2d layers (``False``: every parameter per sample).
 
     Returns:
         ``{name: F}`` for each trainable parameter, shaped like it.
@@ -137,17 +168,9 @@ def diagonal_fisher(
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'sum'")
     if mode == "empirical" and (targets is None or len(targets) != len(inputs)):
         raise ValueError("empirical Fisher needs one target per input")
-    params, rest = _functional(net)
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    logits = _one_sample_logits(net, rest, outputs)
-
-    def log_probs(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.log_softmax(logits(p, x), dim=-1)
-
-    def picked_log_prob(p: dict[str, Tensor], x: Tensor, c: Tensor) -> Tensor:
-        return log_probs(p, x).gather(0, c.unsqueeze(0)).squeeze(0)
-
-    per_sample = vmap(grad(picked_log_prob), in_dims=(None, 0, 0))
+    trainable = set(trainable_parameters(net))
+    total = {n: torch.zeros_like(p) for n, p in trainable_parameters(net).items()}
+    capture = LayerCapture(batched_layers(net, trainable) if batched else {})
     remap = None
     if mode == "empirical" and outputs is not None:
         # true labels are logit indices; the distribution is over `outputs`: position of each label among them
@@ -156,30 +179,47 @@ def diagonal_fisher(
         remap[outputs.cpu()] = torch.arange(len(outputs))
         if bool((remap[targets.cpu()] < 0).any()):
             raise ValueError("empirical Fisher: a target is not among the given outputs")
-    block = 256  # samples per no-grad forward pass (probabilities, sampled labels)
+    per_sample: dict[frozenset[str], tuple[Callable, dict[str, Tensor]]] = {}
+    block = 256  # samples per forward pass
     with eval_mode(net), torch.enable_grad():
         for start in range(0, len(inputs), block):
             x = inputs[start : start + block]
+            with capture.recording():
+                z = net(x)
+            log_p = torch.log_softmax((z if outputs is None else z.index_select(1, outputs)).float(), -1)
+            probs = log_p.detach().exp()
             if mode == "empirical":
                 assert targets is not None
                 labels = targets[start : start + block]
                 labels = (labels if remap is None else remap[labels.cpu()]).to(x.device)
-                weights = torch.ones(len(x), device=x.device)
+            elif mode == "sampled":
+                labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
+            ones = torch.ones(len(x), device=x.device)
+            if capture.names:  # Linear and Conv2d layers: one backward pass per class (exact) or one in all
+                if mode == "exact":
+                    for c in range(probs.shape[1]):
+                        grads = torch.autograd.grad(log_p[:, c].sum(), capture.outputs(), retain_graph=True)
+                        capture.accumulate(total, grads, probs[:, c], chunk_size=chunk_size)
+                else:
+                    picked = log_p.gather(1, labels.unsqueeze(1)).sum()
+                    capture.accumulate(total, torch.autograd.grad(picked, capture.outputs()), ones, chunk_size=chunk_size)
+            rest = frozenset(trainable - capture.parameter_names())
+            del z, log_p
+            if not rest:
+                continue
+            if rest not in per_sample:
+                per_sample[rest] = _per_sample(net, set(rest), outputs, "log_prob")
+            fn, params = per_sample[rest]
+            if mode == "exact":  # every (sample, class) pair, weighted by p(c|x)
+                n_classes = probs.shape[1]
+                labels = torch.arange(n_classes, device=x.device).repeat(len(x))
+                weights = probs.reshape(-1)
+                x = x.repeat_interleave(n_classes, dim=0)
             else:
-                with torch.no_grad():
-                    z = net(x)
-                    probs = (z if outputs is None else z.index_select(1, outputs)).float().softmax(-1)
-                if mode == "sampled":
-                    labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(x.device)
-                    weights = torch.ones(len(x), device=x.device)
-                else:  # exact: every (sample, class) pair, weighted by p(c|x)
-                    n_classes = probs.shape[1]
-                    labels = torch.arange(n_classes, device=x.device).repeat(len(x))
-                    weights = probs.reshape(-1)
-                    x = x.repeat_interleave(n_classes, dim=0)
+                weights = torch.ones(len(x), device=x.device)
             for i in range(0, len(x), chunk_size):
                 sl = slice(i, i + chunk_size)
-                _accumulate(total, per_sample(params, x[sl], labels[sl]), weights[sl])
+                _accumulate(total, fn(params, x[sl], labels[sl]), weights[sl])
     if reduction == "mean" and len(inputs) > 0:
         for t in total.values():
             t.div_(len(inputs))
@@ -192,12 +232,14 @@ def mas_importance(
     outputs: Tensor | None = None,
     chunk_size: int = 8,
     reduction: str = "mean",
+    batched: bool = True,
 ) -> dict[str, Tensor]:
     """Memory Aware Synapses' importance: ``Omega = E_x[ |d ||z(x)||_2^2 / d theta| ]`` (Aljundi et al. 2018).
 
     ``z`` are the logits restricted to ``outputs``; no labels are used. The absolute value is taken per sample,
-    before averaging (the absolute value of a batch gradient would let samples cancel). Eval mode as in
-    :func:`diagonal_fisher`.
+    before averaging (the absolute value of a batch gradient would let samples cancel). Eval mode, the batched path
+    for Linear and Conv2d layers (one backward pass per block of samples: ``|delta a^T| = |delta| |a|^T``) and
+    ``batched`` as in :func:`diagonal_fisher`.
 
     Example (a linear map ``z = W x``: ``d||z||^2/dW = 2 z x^T``):
         >>> net = nn.Linear(3, 2, bias=False)
@@ -209,18 +251,31 @@ def mas_importance(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'sum'")
-    params, rest = _functional(net)
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    logits = _one_sample_logits(net, rest, outputs)
-
-    def squared_norm(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return logits(p, x).square().sum()
-
-    per_sample = vmap(grad(squared_norm), in_dims=(None, 0))
+    trainable = set(trainable_parameters(net))
+    total = {n: torch.zeros_like(p) for n, p in trainable_parameters(net).items()}
+    capture = LayerCapture(batched_layers(net, trainable) if batched else {})
+    per_sample: dict[frozenset[str], tuple[Callable, dict[str, Tensor]]] = {}
+    block = 256
     with eval_mode(net), torch.enable_grad():
-        for start in range(0, len(inputs), chunk_size):
-            x = inputs[start : start + chunk_size]
-            _accumulate(total, per_sample(params, x), torch.ones(len(x), device=x.device), absolute=True)
+        for start in range(0, len(inputs), block):
+            x = inputs[start : start + block]
+            ones = torch.ones(len(x), device=x.device)
+            with capture.recording():
+                z = net(x)
+            if capture.names:  # one backward pass for the Linear and Conv2d layers
+                norm = (z if outputs is None else z.index_select(1, outputs)).square().sum()
+                grads = torch.autograd.grad(norm, capture.outputs())
+                capture.accumulate(total, grads, ones, absolute=True, chunk_size=chunk_size)
+            rest = frozenset(trainable - capture.parameter_names())
+            del z
+            if not rest:
+                continue
+            if rest not in per_sample:
+                per_sample[rest] = _per_sample(net, set(rest), outputs, "norm")
+            fn, params = per_sample[rest]
+            for i in range(0, len(x), chunk_size):
+                sl = slice(i, i + chunk_size)
+                _accumulate(total, fn(params, x[sl]), ones[sl], absolute=True)
     if reduction == "mean" and len(inputs) > 0:
         for t in total.values():
             t.div_(len(inputs))
