@@ -154,14 +154,21 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             )
         order = scenarios.resolve_task_order(self.task_order, self.n_tasks, self.seed)
         tasks = [tasks[i] for i in order]
+        # Transform benchmarks (every task the same base images, transformed) hold out the same base images in every
+        # task, before any subsampling: no validation image is a copy of one that another task trains on. Split
+        # benchmarks' tasks share no images; each carves its own split.
+        shared_base = self.benchmark != "split"
         for position, task in enumerate(tasks):
             task.description = f"{task.description} (built as task {task.task_id})"
             task.task_id = position
+            if shared_base:
+                scenarios.carve_validation(task, self.val_fraction, self.seed, key=0)
             if self.max_samples_per_task is not None and len(task.train_y) > self.max_samples_per_task:
                 gen = torch.Generator().manual_seed(self.seed * 7919 + position)
                 keep = torch.randperm(len(task.train_y), generator=gen)[: self.max_samples_per_task].sort().values
                 task.train_x, task.train_y = task.train_x[keep], task.train_y[keep]
-            scenarios.carve_validation(task, self.val_fraction, self.seed)
+            if not shared_base:
+                scenarios.carve_validation(task, self.val_fraction, self.seed)
         self.tasks = tasks
         if self.stream == "online":
             sizes = [len(t.train_y) for t in tasks]

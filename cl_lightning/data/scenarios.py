@@ -220,15 +220,20 @@ def transform_tasks(
     return tasks, n_outputs
 
 
-def carve_validation(task: Task, fraction: float, seed: int) -> None:
-    """Move a seeded ``fraction`` of the task's training samples into its validation split (in place)."""
+def carve_validation(task: Task, fraction: float, seed: int, key: int | None = None) -> None:
+    """Move a seeded ``fraction`` of the task's training samples into its validation split (in place).
+
+    The split is drawn from ``seed`` and ``key`` (default: the task's id). Tasks that are transforms of the same
+    base images (permuted, rotated) must pass one ``key`` for all: every task then holds out the same base images,
+    so no task's validation image is a transformed copy of an image another task trains on.
+    """
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"dataset.val_fraction={fraction}: must be in [0, 1)")
     if fraction == 0.0:
         return
     n = len(task.train_y)
     n_val = max(1, round(n * fraction))
-    gen = torch.Generator().manual_seed(seed * 1000 + task.task_id)
+    gen = torch.Generator().manual_seed(seed * 1000 + (task.task_id if key is None else key))
     perm = torch.randperm(n, generator=gen)
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     task.val_x, task.val_y = task.train_x[val_idx], task.train_y[val_idx]

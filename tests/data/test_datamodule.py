@@ -412,3 +412,24 @@ def test_crop_flip_is_reproducible_with_a_generator() -> None:
 
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [("permuted", {}), ("rotated", {"angles": [0.0, 90.0, 180.0, 270.0]}), ("permuted", {"max_samples_per_task": 200})],
+)
+def test_transform_benchmarks_hold_out_the_same_base_images_in_every_task(kind: str, extra: dict) -> None:
+    """No validation image of one task is a transformed copy of an image another task trains on. A pixel
+    permutation and a rotation by a multiple of 90 degrees keep each image's multiset of pixel values, which
+    identifies its base image (blobs' noisy pixels are unique per image)."""
+    dm = make_dm(benchmark=kind, n_tasks=4, val_fraction=0.25, scenario="domain_il", **extra)
+
+    def base(x: Tensor) -> set[tuple[int, ...]]:
+        return {tuple(sorted(row)) for row in x.flatten(1).tolist()}
+
+    assert len(base(dm.tasks[0].train_x)) == len(dm.tasks[0].train_x), "signatures identify the images"
+    for t in dm.tasks:
+        for u in dm.tasks:
+            assert t.val_x is not None
+            shared = base(t.val_x) & base(u.train_x)
+            assert not shared, f"task {t.task_id}'s validation images are in task {u.task_id}'s training set"
