@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.progress import TaskProgressBar
+from cl_lightning.callbacks.stream import StreamBoundaries
 from cl_lightning.cli import CONFIG_DIR
 from cl_lightning.contract import CLMethod, check_combination
 from cl_lightning.data.datamodule import TaskSequenceDataModule
@@ -99,6 +100,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"dataset.stream=online is a single pass: set epochs_per_task=1 and steps_per_task=null "
             f"(got {cfg.epochs_per_task} and {cfg.steps_per_task})"
+        )
+    if stream == "online" and cfg.get("max_tasks") is not None:
+        raise ConfigError(
+            f"max_tasks={cfg.max_tasks}: dataset.stream=online is one pass with no stop between tasks; "
+            "drop max_tasks (checkpoint_every_n_steps and resume= continue a stopped stream)"
         )
     warn_if_oversubscribed(cfg)
 
@@ -208,6 +214,9 @@ def build_run(
     # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
     epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs() for m in methods)
     callbacks: list[pl.Callback] = [*methods]
+    if dm.stream == "online":
+        # after the methods (their step is done), before ModelCheckpoint (a checkpoint of the step holds the row)
+        callbacks.append(StreamBoundaries())
     # A bar on a terminal; in logs (CI, clusters, sweeps) the per-task log line reports progress instead.
     progress = bool(cfg.trainer.get("enable_progress_bar", True)) and sys.stderr.isatty()
     if progress:

@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from cl_lightning.callbacks.stream import StreamBoundaries
 from cl_lightning.contract import CLMethod
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.errors import DivergenceError
@@ -91,30 +92,45 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
         evaluate(-1)  # the randomly initialised model: forward transfer's baseline
     last = dm.n_tasks if cfg.get("max_tasks") is None else min(dm.n_tasks, first + int(cfg.max_tasks))
     results: dict[str, Any] = {}
+
+    def task_done(task: int, timings: tuple[float, float] | None = None) -> None:
+        """Row ``task`` of the matrix is measured: results, checkpoint, log (``timings``: training and evaluation
+        seconds so far, when they are measured inside a fit)."""
+        nonlocal results, train_s, eval_s
+        if timings is not None:
+            train_s, eval_s = timings
+        results = results_after(task + 1)
+        if cfg.get("save_checkpoints", True):
+            module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
+            # every rank calls it (Lightning writes on rank 0 and synchronises the others)
+            _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
+            (run_dir / "checkpoints" / "mid_task.ckpt").unlink(missing_ok=True)  # older than last.ckpt now
+        if trainer.is_global_zero:
+            write_json_atomic(run_dir / RESULTS_FILE, results)
+            log_task(trainer, results, task)
+            log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
+
     task = first
     try:
-        for task in range(first, last):
-            dm.set_task(task)
-            module.current_task.fill_(task)
-            trainer.fit_loop.max_epochs = (task + 1) * epochs
-            start = time.perf_counter()
-            module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}  # as of this task's start
-            _interruptible(trainer.fit, trainer, module, datamodule=dm)
-            train_s += time.perf_counter() - start
-            evaluate(task)
-            results = results_after(task + 1)
-            if cfg.get("save_checkpoints", True):
-                module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
-                # every rank calls it (Lightning writes on rank 0 and synchronises the others)
-                _save_checkpoint(trainer, run_dir / "checkpoints" / "last.ckpt")
-                (run_dir / "checkpoints" / "mid_task.ckpt").unlink(missing_ok=True)  # older than last.ckpt now
-            if trainer.is_global_zero:
-                write_json_atomic(run_dir / RESULTS_FILE, results)
-                log_task(trainer, results, task)
-                log.info("task %d/%d done: %s", task + 1, dm.n_tasks, format_summary(results))
+        if dm.stream == "online":
+            if first < dm.n_tasks:
+                train_s, eval_s = _fit_stream(trainer, module, dm, task_done, train_s, eval_s, resume_state is not None)
+        else:
+            for task in range(first, last):
+                dm.set_task(task)
+                module.current_task.fill_(task)
+                trainer.fit_loop.max_epochs = (task + 1) * epochs
+                start = time.perf_counter()
+                module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}  # as of this task's start
+                _interruptible(trainer.fit, trainer, module, datamodule=dm)
+                train_s += time.perf_counter() - start
+                evaluate(task)
+                task_done(task)
         if trainer.is_global_zero and results and results["complete"]:
             log_hparams(trainer, cfg, results)
     except DivergenceError as err:
+        if dm.stream == "online":
+            task = int(module.task_finished) + 1  # the rows measured before it
         if trainer.is_global_zero:
             # the tasks finished before it stay as measured; the run is marked diverged and incomplete
             payload = results_after(task) if task > 0 else {
@@ -127,6 +143,8 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
             write_json_atomic(run_dir / RESULTS_FILE, payload)
         raise
     except KeyboardInterrupt:
+        if dm.stream == "online":
+            task = int(module.current_task)
         saved = any((run_dir / "checkpoints" / f).is_file() for f in ("last.ckpt", "mid_task.ckpt"))
         raise RunInterrupted(
             f"stopped during task {task + 1}/{dm.n_tasks}; "
@@ -140,6 +158,34 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
     if trainer.is_global_zero and results:
         print_summary(results, name, run_dir / RESULTS_FILE)
     return bool(results)
+
+
+def _fit_stream(
+    trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule, task_done: Any, train_s: float, eval_s: float,
+    resumed: bool,
+) -> tuple[float, float]:
+    """An online stream: one fit over the whole stream (one optimizer, one scheduler, no hook at a true boundary);
+    :class:`~cl_lightning.callbacks.stream.StreamBoundaries` measures a row of the matrix each time the stream
+    passes a task's nominal end and calls ``task_done`` there. Returns the training and evaluation seconds so far
+    (evaluation inside the fit is not training time)."""
+    boundaries = next(cb for cb in trainer.callbacks if isinstance(cb, StreamBoundaries))  # type: ignore[attr-defined]
+    if not resumed:
+        module.current_task.fill_(0)
+    trainer.fit_loop.max_epochs = 1
+    start = time.perf_counter()
+    inside = boundaries.eval_seconds
+
+    def timings() -> tuple[float, float]:
+        evaluated = boundaries.eval_seconds - inside
+        return train_s + time.perf_counter() - start - evaluated, eval_s + evaluated
+
+    def on_row(task: int) -> None:
+        task_done(task, timings())
+
+    boundaries.on_row = on_row
+    module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}
+    _interruptible(trainer.fit, trainer, module, datamodule=dm)
+    return timings()
 
 
 def _interruptible(call: Any, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> Any:

@@ -39,3 +39,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for row_single, row_ddp in zip(single["acc_matrix"], ddp["acc_matrix"], strict=True):
         assert row_ddp == pytest.approx(row_single, abs=0.02)
     assert ddp["init_acc"] == single["init_acc"], "evaluation shards cover every test sample exactly once"
+
+
+@pytest.mark.slow
+def test_an_online_stream_under_ddp_matches_one_process(tmp_path: Path) -> None:
+    """One stream under DDP: the ranks take alternate samples of the stream in its order, the rows are measured at
+    the same nominal steps, and the class-IL mask of seen labels is built from every rank's labels."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    online = ["dataset.stream=online", "epochs_per_task=1", "dataset.blur=0.3", "method=naive"]
+    single = run(tmp_path / "one", *online, "batch_size=8")
+    ddp = run(tmp_path / "two", *online, "trainer=ddp", "trainer.devices=2", "batch_size=4")
+    assert ddp["complete"] and ddp["world_size"] == 2
+    for row_single, row_ddp in zip(single["acc_matrix"], ddp["acc_matrix"], strict=True):
+        assert row_ddp == pytest.approx(row_single, abs=0.02)

@@ -42,9 +42,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         steps_per_task: If set, each task is one "epoch" of exactly this many batches.
         val_fraction: Fraction of each task's training data held out as a validation split.
         eval_split: ``test`` or ``val``: the split the accuracy matrix is measured on (tune on ``val``).
-        stream: ``tasks`` (boundaries known) or ``online`` (one pass, boundaries hidden from methods, metrics still
-            per true task).
-        blur: Online stream: width of the blurred boundary, as a fraction of a task's length.
+        stream: ``tasks`` (boundaries known) or ``online``: one pass over one stream of every task's training data,
+            served in its order by one training loader (one fit, no boundary the learner or the methods see); the
+            true tasks are used by evaluation only (:meth:`boundary_steps`).
+        blur: Online stream: the width, in task lengths, of the window around each boundary over which the share of
+            the next task rises linearly from 0 to 1 (:func:`~cl_lightning.data.scenarios.online_stream_order`);
+            0 is a sharp boundary.
         mean: Per-channel mean for normalisation after scaling to [0, 1] (``None``: no normalisation).
         std: Per-channel standard deviation.
         augment: ``none`` or ``crop_flip`` (random 4-pixel-padded crop and horizontal flip, batched on the device).
@@ -178,6 +181,20 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             tid = torch.cat([torch.full((len(t.train_y),), t.task_id) for t in tasks])[perm]
             self._stream = (x, y, tid, sizes)
 
+    def boundary_steps(self, world_size: int = 1) -> list[int]:
+        """Online stream: the optimizer step after which the stream has passed each task's nominal end (the
+        cumulative task sizes; a step takes ``batch_size`` samples on each of ``world_size`` processes). The last
+        is the stream's last step."""
+        assert self._stream is not None
+        per_step = self.batch_size * world_size
+        ends = torch.tensor(self._stream[3]).cumsum(0)
+        return [int(-(-int(e) // per_step)) for e in ends]
+
+    def stream_tasks(self) -> Tensor:
+        """Online stream: the true task of each position of the stream, in order (for tests and reports)."""
+        assert self._stream is not None
+        return self._stream[2]
+
     @property
     def task_outputs(self) -> list[Tensor]:
         """Logit indices of each task's labels."""
@@ -209,11 +226,12 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         t = self.current_task
         rank, world, epoch = self._dist()
         if self._stream is not None:
-            x, y, tid, sizes = self._stream
-            start = sum(sizes[:t])
-            sl = slice(start, start + sizes[t])
-            x, y, tid = x[sl], y[sl], tid[sl]
-            index = torch.arange(start, start + sizes[t])
+            # the whole stream, in its order, in one pass: one fit, no boundary the learner could see
+            x, y, tid, _ = self._stream
+            return TensorBatchLoader(
+                x, y, self._hide(tid), self.batch_size, shuffle=False, pad=True, rank=rank, world_size=world,
+                index=torch.arange(len(y)),
+            )  # fmt: skip
         else:
             if self.training_tasks is not None:
                 seen = [self.tasks[i] for i in self.training_tasks(t)]

@@ -24,13 +24,16 @@ class TensorBatchLoader:
         y: Labels.
         task_id: Task of each sample (``-1`` where hidden).
         batch_size: Samples per batch on each process.
-        shuffle: Draw a fresh permutation of the samples on each pass.
+        shuffle: Draw a fresh permutation of the samples on each pass; otherwise serve them in their order.
         seed: Seed of the permutation; the same seed gives the same batches on every process and after a resume.
         n_batches: If set, yield exactly this many batches, starting new passes as needed (a fixed number of
             optimizer steps per task); else one pass.
         rank: This process's rank; each rank takes every ``world_size``-th sample of the permutation.
         world_size: Number of processes.
         index: Index reported for each sample (defaults to ``arange(len(y))``).
+        pad: Pad the ranks' shards to equal length (every rank takes the same number of steps, as training under
+            DDP needs); default: when shuffling (training), not otherwise (evaluation, where no sample may count
+            twice).
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class TensorBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         index: Tensor | None = None,
+        pad: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -52,6 +56,7 @@ class TensorBatchLoader:
         self.index = torch.arange(len(y)) if index is None else index
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.n_batches, self.rank, self.world_size = n_batches, rank, world_size
+        self.pad = shuffle if pad is None else pad
         self._yielded = 0  # batches handed out in the current pass
         self._skip = 0  # batches to skip at the next pass (set by load_state_dict: mid-epoch resume)
 
@@ -59,7 +64,7 @@ class TensorBatchLoader:
         n = len(self.y)
         # Training shards are padded to equal length (as DistributedSampler does) so every rank takes the same number
         # of optimizer steps; evaluation shards are not padded, so no sample is counted twice.
-        return -(-n // self.world_size) if self.shuffle else len(range(self.rank, n, self.world_size))
+        return -(-n // self.world_size) if self.pad else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         if self.n_batches is not None:
@@ -68,9 +73,9 @@ class TensorBatchLoader:
 
     def _order(self, gen: torch.Generator) -> Tensor:
         n = len(self.y)
-        if not self.shuffle:
+        if not self.pad:
             return torch.arange(self.rank, n, self.world_size)
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         per_rank = self._per_rank()
         if per_rank * self.world_size > n:
             order = torch.cat([order, order[: per_rank * self.world_size - n]])

@@ -245,8 +245,11 @@ def online_stream_order(task_sizes: Sequence[int], blur: float, seed: int) -> Te
 
     Each sample of task ``t`` gets the key ``t + u + b * v`` with ``u`` uniform in [0, 1) (its place inside the
     task) and ``v`` uniform in [-1/2, 1/2); sorting by key gives the stream. With ``blur = 0`` the tasks follow each
-    other with sharp boundaries; with ``blur = b`` samples within ``b/2`` of a boundary (in task lengths) mix with
-    the neighbouring task's.
+    other with sharp boundaries. With ``blur = b`` the keys of task ``t`` have the density of ``U[0, 1)`` convolved
+    with ``U[-b/2, b/2)``: flat inside the task, falling linearly to 0 over the window ``[t+1-b/2, t+1+b/2)`` while
+    task ``t+1``'s rises, so the share of the next task in the stream rises linearly from 0 to 1 through a window
+    of ``b`` task lengths centred on the boundary (``tests/data/test_datamodule.py`` measures it). The stream is
+    served in this order (one pass, no shuffling).
 
     Returns:
         A permutation of ``range(sum(task_sizes))`` indexing the concatenation of the tasks.

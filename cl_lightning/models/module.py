@@ -28,7 +28,8 @@ class CLModule(pl.LightningModule):
 
     - ``task_il``: logits outside the sample's task are masked, in training and evaluation (a multi-head model);
     - ``class_il``: in training, logits of classes not yet seen are masked (``train_outputs="seen"``, the "active
-      classes" of van de Ven & Tolias 2019) or all are used (``"all"``, as Mammoth does); evaluation uses every
+      classes" of van de Ven & Tolias 2019; on an online stream, the labels the stream has shown so far, this
+      batch's included: no boundary needed) or all are used (``"all"``, as Mammoth does); evaluation uses every
       logit. The task-IL accuracy of a class-IL run (logits masked to the evaluated task, as Mammoth reports) is
       kept in a second matrix;
     - ``domain_il``: one shared head, nothing masked.
@@ -47,7 +48,8 @@ class CLModule(pl.LightningModule):
         reset_optimizer: Fresh optimizer state at each task (Adam's moments of the previous task are not carried).
         train_outputs: Class-IL training logits: ``seen`` or ``all``.
         log_every_n_steps: Training losses reach the logger every this many optimizer steps.
-        hide_task_boundaries: Online stream: methods get no task events.
+        hide_task_boundaries: Online stream: one fit over the whole stream, methods get no task events, class-IL
+            masks the labels not yet seen in the stream.
         preprocess: ``(x, train) -> x``: turns stored inputs (``uint8``) into network inputs on the device
             (scaling, training-time augmentation, normalisation); the datamodule's ``preprocess``.
         augments: Whether ``preprocess(x, train=True)`` draws random augmentations. When it does not, methods may
@@ -88,6 +90,8 @@ class CLModule(pl.LightningModule):
         self.register_buffer("current_task", torch.tensor(0))
         self.register_buffer("task_started", torch.tensor(-1))
         self.register_buffer("task_finished", torch.tensor(-1))
+        # online class-IL: the labels the stream has shown so far (the training mask needs no task boundary)
+        self.register_buffer("seen_labels", torch.zeros(n_outputs, dtype=torch.bool))
         self.acc_matrix = AccuracyMatrix(n_tasks)
         self.task_il_matrix = AccuracyMatrix(n_tasks)
         # Row 0 holds the accuracy of the randomly initialised model (FWT's baseline b_j); a matrix so that it is
@@ -149,7 +153,9 @@ class CLModule(pl.LightningModule):
         """Mask the logits a sample may not use in training (see the class docstring)."""
         if self.scenario == "task_il":
             return logits.masked_fill(~self.output_masks[task_id], float("-inf"))
-        if self.scenario == "class_il" and self.train_outputs == "seen" and not self.hide_task_boundaries:
+        if self.scenario == "class_il" and self.train_outputs == "seen":
+            if self.hide_task_boundaries:  # online: the labels seen so far in the stream
+                return logits.masked_fill(~self.seen_labels, float("-inf"))
             unseen = self._unseen if self._unseen is not None else ~self.seen_mask()
             return logits.masked_fill(unseen, float("-inf"))
         return logits
@@ -192,6 +198,10 @@ class CLModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        if self.hide_task_boundaries and self.scenario == "class_il":
+            # every process's labels, so that the mask (and the buffer) is the same on all of them
+            labels = self.all_gather(batch.y).reshape(-1) if self.trainer.world_size > 1 else batch.y
+            self.seen_labels[labels] = True
         logits = self(self.prepare(batch.x, train=True), batch.task_id)
         task_loss = F.cross_entropy(self.training_logits(logits, batch.task_id), batch.y)
         terms: dict[str, Tensor] = {}
