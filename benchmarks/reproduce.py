@@ -320,13 +320,18 @@ def main() -> None:
         )
     out = REPO / "docs" / "results" / f"{args.table}.md"
     if args.only and out.exists():
-        # keep the rows of methods not re-run this time (measured by an earlier run of this script)
-        for line in out.read_text().splitlines():
+        # keep the rows of methods not re-run this time (measured by an earlier run of this script), and the notes
+        # written by hand between the generated paragraph and the table (which runs are from when)
+        old = out.read_text().splitlines()
+        for line in old:
             if line.startswith("| `"):
                 spec = line.split("`")[1]
                 if spec in published and spec not in new_rows:
                     new_rows[spec] = line
         lines[2] += " Rows of methods run separately were measured by separate runs of the script."
+        table_at = next((i for i, line in enumerate(old) if line.startswith("|")), len(old))
+        kept = [line for line in old[3:table_at] if line.strip()]
+        lines[3:3] = [x for line in kept for x in ("", line)]
     lines += [new_rows[spec] for spec in published if spec in new_rows]
     if args.table in NOTES:
         lines += ["", NOTES[args.table]]

@@ -214,6 +214,9 @@ def build_run(
     # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
     epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs() for m in methods)
     callbacks: list[pl.Callback] = [*methods]
+    if cfg.get("eval_every_n_steps"):
+        # before the stream's rows and ModelCheckpoint: a checkpoint of a step holds that step's evaluation
+        callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
     if dm.stream == "online":
         # after the methods (their step is done), before ModelCheckpoint (a checkpoint of the step holds the row)
         callbacks.append(StreamBoundaries())
@@ -230,8 +233,6 @@ def build_run(
                 save_top_k=1, save_last=False, enable_version_counter=False,
             )
         )  # fmt: skip
-    if cfg.get("eval_every_n_steps"):
-        callbacks.append(PeriodicEvaluation(int(cfg.eval_every_n_steps), cfg.get("eval_max_samples_per_task")))
     callbacks += [instantiate_node(node, f"callbacks.{k}") for k, node in (cfg.get("callbacks") or {}).items()]
     # Lightning's notices (available devices, tips, "`Trainer.fit` stopped" after every task's fit) are noise here:
     # the run prints its own summary; its warnings still show

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.contract import CLMethod
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.errors import RunDirectoryError
@@ -119,7 +120,7 @@ def restore(state: dict[str, Any], trainer: pl.Trainer, module: CLModule, dm: Ta
     dm.load_state_dict(state.get(type(dm).__qualname__, {}))
     saved = state.get("callbacks", {})
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, CLMethod) and callback.state_key in saved:
+        if isinstance(callback, CLMethod | PeriodicEvaluation) and callback.state_key in saved:
             callback.load_state_dict(saved[callback.state_key])
     trainer.fit_loop.load_state_dict(state["loops"]["fit_loop"])
     mid_task = int(module.task_finished) < int(module.current_task)

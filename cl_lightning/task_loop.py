@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
+from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.stream import StreamBoundaries
 from cl_lightning.contract import CLMethod
 from cl_lightning.data.datamodule import TaskSequenceDataModule
@@ -70,6 +71,9 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
             task_descriptions=[t.description for t in dm.tasks],
         )  # fmt: skip
         results["world_size"] = trainer.world_size
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, PeriodicEvaluation):
+                results |= callback.results()
         diagnostics = {m.name: d for m in methods if (d := m.diagnostics(module))}
         if diagnostics:
             results["diagnostics"] = diagnostics

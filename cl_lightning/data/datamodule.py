@@ -190,6 +190,13 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         ends = torch.tensor(self._stream[3]).cumsum(0)
         return [int(-(-int(e) // per_step)) for e in ends]
 
+    def task_start_steps(self, world_size: int = 1) -> list[int]:
+        """Online stream: the optimizer steps taken before the stream reaches each task's nominal start."""
+        assert self._stream is not None
+        per_step = self.batch_size * world_size
+        starts = [0, *torch.tensor(self._stream[3]).cumsum(0)[:-1].tolist()]
+        return [int(s) // per_step for s in starts]
+
     def stream_tasks(self) -> Tensor:
         """Online stream: the true task of each position of the stream, in order (for tests and reports)."""
         assert self._stream is not None
