@@ -100,6 +100,37 @@ def accuracy_curves(matrix: np.ndarray, title: str = "accuracy on each task") ->
     return fig
 
 
+def anytime_curves(
+    steps: list[int], matrix: np.ndarray, task_start_step: list[int | None], title: str = "accuracy during training"
+) -> Figure:
+    """Accuracy on each task at every periodic evaluation (``results.json``'s ``anytime``), against the step, with a
+    dashed vertical line at each task's (nominal) start.
+
+    Args:
+        steps: The steps evaluated.
+        matrix: Fractions, ``[len(steps), n_tasks]``.
+        task_start_step: Each task's first step (``None``: not reached).
+        title: Axes title.
+    """
+    matrix = np.asarray(matrix, dtype=float)
+    fig = new_figure(7.0, 3.6)
+    ax = fig.subplots()
+    colors = mpl.colormaps["tab10" if matrix.shape[1] <= 10 else "tab20"]
+    for j in range(matrix.shape[1]):
+        ax.plot(steps, matrix[:, j], color=colors(j % colors.N), linewidth=1.2, label=f"task {j}")
+    for j, start in enumerate(task_start_step):
+        if start is not None and j > 0:
+            ax.axvline(start, color=colors(j % colors.N), linestyle="--", linewidth=0.8, alpha=0.7)
+    ax.set_xlabel("optimizer step (dashed: a task's start)")
+    ax.set_ylabel("accuracy on task j")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def comparison_bars(
     rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("avg_acc", "forgetting"), title: str = ""
 ) -> Figure:

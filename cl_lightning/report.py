@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from cl_lightning import __version__
 from cl_lightning.callbacks.sweep_summary import METRICS, failed_jobs, left_out_counts, summarize_runs
-from cl_lightning.plots import accuracy_curves, accuracy_heatmap, comparison_bars
+from cl_lightning.plots import accuracy_curves, accuracy_heatmap, anytime_curves, comparison_bars
 from cl_lightning.results import RunStatus, run_status
 
 RESULTS_FILE = "results.json"
@@ -211,6 +211,9 @@ def plot_run(run: Run, out: Path) -> None:
         "acc_matrix": lambda: accuracy_heatmap(_padded(res["acc_matrix"], run.n_tasks), title),
         "acc_curves": lambda: accuracy_curves(np.asarray(res["acc_matrix"], dtype=float), title),
     }
+    if res.get("anytime"):
+        curve = res["anytime"]
+        figures["anytime"] = lambda: anytime_curves(curve["step"], curve["acc_matrix"], res["task_start_step"], title)
     if res.get("task_il_acc_matrix"):
         til = _padded(res["task_il_acc_matrix"], run.n_tasks)
         figures["task_il_acc_matrix"] = lambda: accuracy_heatmap(til, f"task-IL accuracy\n{title}")
@@ -307,6 +310,14 @@ def _run_section(run: Run) -> list[str]:
     lines += ["Accuracy matrix (%, row: after training task i, column: task j):", ""]
     lines += _matrix_table(res["acc_matrix"], run.n_tasks) + [""]
     lines += [f"![accuracy matrix]({run.plots['acc_matrix']}) ![accuracy on each task]({run.plots['acc_curves']})"]
+    if "anytime" in run.plots:
+        lines += [
+            "",
+            f"Accuracy during training, every {res['anytime']['step'][0]} steps (anytime accuracy "
+            f"{_pct(res.get('avg_anytime_acc'))}%):",
+            "",
+            f"![accuracy during training]({run.plots['anytime']})",
+        ]
     if "task_il_acc_matrix" in run.plots:
         lines += [
             "",

@@ -70,6 +70,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "optimizer.lr": 0.1, "batch_size": 32, "epochs_per_task": 50, "steps_per_task": None,
         "module.reset_optimizer": True, "module.train_outputs": "all",
     },
+    "online_split_mnist": {
+        "dataset.name": "split_mnist", "dataset.n_tasks": 5, "dataset.scenario": "class_il", "dataset.stream": "online",
+        "dataset.blur": 0.0, "dataset.max_samples_per_task": 1000, "model._target_": MLP, "model.hidden": [400, 400],
+        "optimizer._target_": SGD, "optimizer.lr": 0.1, "batch_size": 10, "epochs_per_task": 1,
+        "module.train_outputs": "all",
+    },
     "agem_permuted_mnist": {
         "dataset.name": "permuted_mnist", "dataset.n_tasks": 17, "dataset.max_samples_per_task": 55000,
         "model.hidden": [256, 256], "optimizer._target_": SGD, "optimizer.lr": 0.1, "batch_size": 10,
@@ -175,6 +181,10 @@ ROWS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("der_split_cifar10", "gem"): {"optimizer.lr": 0.03, "method.buffer_size": 500, "method.memory_strength": 0.5},
     ("agem_permuted_mnist", "pnn"): {"dataset.scenario": "task_il", "model._target_": PNN_MLP},
+    # the MIR paper's code (Scripts/ER_experiments.sh, MNIST Split): 50 memories per class, 10 replayed, 50 candidates
+    ("online_split_mnist", "er"): {"method.buffer_size": 500, "method.replay_batch_size": 10},
+    ("online_split_mnist", "mir"): {"method.buffer_size": 500, "method.replay_batch_size": 10, "method.subsample": 50},
+    ("online_split_mnist", "er_ace"): {"method.buffer_size": 500, "method.replay_batch_size": 10},
 }  # fmt: skip
 
 # A spec may name a variant of a method (DGR+distill is DGR with soft targets), never a hyperparameter.

@@ -252,3 +252,15 @@ def test_a_run_diverged_in_its_first_task_is_listed_not_unreadable(sweep: Path) 
     assert "Unreadable" not in text
     assert "No task was finished: no accuracy matrix." in text
     assert "| joint | blobs | class_il | 2 (+1 incomplete, +1 diverged) | 0 1 |" in text
+
+
+def test_the_anytime_curve_is_plotted(make_cfg) -> None:
+    cfg = make_cfg(*FAST, "dataset.stream=online", "epochs_per_task=1", "eval_every_n_steps=2")
+    results = train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    main([str(run_dir)])
+    text = (run_dir / "report" / "report.md").read_text()
+    (run_plots,) = (run_dir / "report" / "runs").iterdir()
+    assert_png(run_plots / "anytime.png")
+    assert f"anytime accuracy {100 * results['avg_anytime_acc']:.2f}%" in text
+    assert f"runs/{run_plots.name}/anytime.png" in text
