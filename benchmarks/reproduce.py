@@ -150,8 +150,8 @@ NOTES = {
         "it (the preset: `method.alpha=tasks`, the current and distillation losses weighted 1/t and 1 - 1/t; "
         "`method.class_il_outputs=seen`, the student's softmax over every class seen against targets padded with "
         "zeros on the current classes): 20.35 ± 0.22, each new task's classes almost never predicted (seed 0, after "
-        "the second task: 100% on the first task's test images, 0.44% on the second's). Scaling the whole loss by 1/t as their code does (instead of our "
-        "factor t + 1 more) gave the same on seed 0 (20.3). This is what their loss implies: on a new-class input, "
+        "the second task: 100% on the first task's test images, 0.44% on the second's). Scaling the whole loss by "
+        "1/t as their code does (instead of our factor t + 1 more) gave the same on seed 0 (20.3). This is what their loss implies: on a new-class input, "
         "the minimum over the new class's logit margin z of -log sigmoid(z) - T^2 log(1 - sigmoid(z/T)) (cross-entropy "
         "plus the padded distillation, T = 2, equal weights at the second task) is at z = -1.05, a probability of "
         "0.26 for the true class, which the old classes' share outbids; we measured 0.27 during training. Other "
@@ -159,70 +159,6 @@ NOTES = {
         "19.91 ± 0.01 over 3 seeds, and `method.alpha` 3 and 10 (19.93, 19.89); the padded targets with a constant "
         "`method.alpha=0.25` (Li & Hoiem's lambda_o = 1) 21.70. What makes their runs reach 23.85 is not found: their "
         "MNIST is padded to 32x32 and their classes are permuted per seed, which we do not do."
-    ),
-    "der_permuted_mnist_replay": (
-        "Permuted-MNIST domain-IL, 20 tasks, Buzzega et al. (2020) protocol, buffer 500",
-        ["experiment=der_permuted_mnist"],
-        {"er": 80.60, "derpp": 88.21, "gem": 76.88, "agem": 67.56},
-        {},
-    ),
-    "der_rotated_mnist": (
-        "Rotated-MNIST domain-IL, 20 tasks of uniformly drawn angles, Buzzega et al. (2020) protocol, buffer 500",
-        ["experiment=der_rotated_mnist"],
-        {"naive": 67.66, "er": 89.90, "der": 92.24, "derpp": 92.77},
-        {},
-    ),
-    "der_split_cifar10": (
-        "Split CIFAR-10, Buzzega et al. (2020) protocol, ResNet-18, 50 epochs, buffer 500 (Mammoth's seq-cifar10: "
-        "trained class-IL, task-IL is the same runs evaluated with the task's logits only)",
-        ["experiment=der_split_cifar10", "dataset.scenario=class_il"],
-        {"naive": 19.62, "er": 57.74, "der": 70.51, "derpp": 72.70, "agem": 22.67, "gem": 26.20},
-        {"naive": 61.02, "er": 93.61, "der": 93.40, "derpp": 93.88, "agem": 89.48, "gem": 92.16},
-    ),
-    "agem_permuted_mnist": (
-        "Permuted-MNIST domain-IL, Chaudhry et al. (2019, A-GEM) protocol: MLP 2x256, one pass, batch 10",
-        ["experiment=agem_permuted_mnist"],
-        {"pnn": 93.5},  # PNN is given task ids (one 10-way head per task), as in the paper: its preset's task_il
-        {},
-    ),
-}  # fmt: skip
-
-
-NOTES = {
-    "der_rotated_mnist": (
-        "Ours rotates with bilinear interpolation and draws the 20 angles from a torch generator seeded by `s"
-        "eed`; Mammoth's rot-mnist rotates with nearest-neighbour interpolation (torchvision's default for PI"
-        "L images) and draws the angles from NumPy's global generator. Smoother rotated digits are easier to "
-        "tell apart, which is the likely reason every row lands above the published number (SGD by 3.0 points"
-        ", DER and DER++ by 1.8 and 1.3, ER by 0.3); a nearest-neighbour option is the next thing to add to c"
-        "ompare exactly."
-    ),
-    "agem_permuted_mnist": (
-        "PNN (`lr=0.1`, batch 10, one pass over 55,000 images per task, a 10-way head per task, task ids given) "
-        "forgets nothing: in every seed (0-2) the last row of the accuracy matrix equals its diagonal exactly. Its 17 "
-        "columns hold 13,875,706 parameters (`diagnostics.pnn`). The runs were one command per seed (`python -m "
-        "cl_lightning experiment=agem_permuted_mnist method=pnn dataset.scenario=task_il seed=N threads=1`, three at "
-        "once on 2 shared cores: about 50 min of training and 30 of evaluation each), tabulated with `--results-from`. "
-        "Samples per task: their TensorFlow training split (55,000) as in the paper's version of their code; their "
-        "repository's later default of 1,000 per task gave about 74% for PNN over the first three tasks."
-    ),
-    "vdv_split_mnist_task_il": (
-        "PNN forgets nothing: in every seed (0-2) the last row of the accuracy matrix equals its diagonal exactly (each"
-        " task's accuracy when learned is its accuracy at the end), forgetting 0.00; its five columns (784-400-400, "
-        "linear laterals, a 2-way head each) hold 3,988,030 parameters in all (475,202 for the first column, 1,120,010 "
-        "for the last), `diagnostics.pnn` in results.json.\n\n"
-        "PackNet (`prune_ratio=0.8`, `retrain_epochs=1`) forgets nothing either: in every seed (0-2) the last row "
-        "equals the diagonal exactly, forgetting 0.00. Its budget is twice the others': each task trains the "
-        "protocol's 2,000 steps, then retrains the kept weights for 2,000 more (one epoch of `steps_per_task`). After "
-        "the five tasks 32.8% of the 473,600 prunable weights (the hidden layers' matrices; the head's rows belong to "
-        "their task) are still free; the tasks own 20.0, 16.0, 12.8, 10.2 and 8.2% (`diagnostics.packnet`)."
-    ),
-    "vdv_split_mnist_class_il": (
-        "LwF falls short of van de Ven & Tolias's 23.85. Tried on seed 0: `method.alpha` 1 (the table, 19.91 ± 0.01 "
-        "over 3 seeds), 3 (19.93) and 10 (19.89): the distillation weight does not move class-IL accuracy, which stays "
-        "the fine-tuning level, the known class-IL result for regularization methods. Their LwF weights the current "
-        "and distillation losses by the number of tasks seen; that and the other details of their implementation "
-        "are the next things to try."
     ),
     "der_permuted_mnist_replay": (
         "ER's loss was then the sum of the current batch's mean cross-entropy and the replayed batch's; Mammoth (and "
