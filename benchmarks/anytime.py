@@ -52,7 +52,8 @@ def early_max(results: dict) -> float:
     """The highest accuracy a task has at an evaluation before its nominal start (after the first task's end)."""
     starts = results["task_start_step"]
     steps, rows = results["anytime"]["step"], results["anytime"]["acc_matrix"]
-    early = [row[t] for step, row in zip(steps, rows, strict=True) for t in range(len(starts)) if starts[1] <= step < starts[t]]
+    pairs = zip(steps, rows, strict=True)
+    early = [row[t] for step, row in pairs for t in range(len(starts)) if starts[1] <= step < starts[t]]
     return max(early, default=0.0)
 
 
@@ -85,10 +86,11 @@ def main() -> None:
         f"{args.samples} test images of each task. Produced by `benchmarks/anytime.py --repeats {args.repeats} "
         f"--every {args.every} --samples {args.samples}` on {date.today().isoformat()}; medians of {args.repeats} "
         "alternating runs. Training time includes the periodic evaluation (it runs inside the fit); its share is "
-        "the difference to the run without it. \"Before its start\": the highest accuracy of a task at an "
+        'the difference to the run without it. "Before its start": the highest accuracy of a task at an '
         "evaluation before its nominal start, after the first task's end.",
         "",
-        "| setting | median train s | evaluation's share | avg_anytime_acc | final avg_acc | best accuracy before its start |",
+        "| setting | median train s | evaluation's share | avg_anytime_acc | final avg_acc "
+        "| best accuracy before its start |",
         "|---|---|---|---|---|---|",
     ]
     for name, results in runs.items():

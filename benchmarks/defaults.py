@@ -75,7 +75,8 @@ def main() -> None:
     ]
     for method, scenario, out in rows:
         base = naive[scenario]
-        close = "-" if out["avg_acc"] is None or base is None else ("yes" if abs(out["avg_acc"] - base) <= 0.05 else "no")
+        near = out["avg_acc"] is not None and base is not None and abs(out["avg_acc"] - base) <= 0.05
+        close = "-" if out["avg_acc"] is None or base is None else ("yes" if near else "no")
         lines.append(
             f"| `{method}` | {scenario} | {out['rc']} | {pct(out['avg_acc'])} | {pct(base)} | {close} | "
             f"{', '.join(out['warned']) or 'none'} | {out.get('note', '')} |"

@@ -83,7 +83,8 @@ def validate_config(cfg: DictConfig) -> None:
     integer("batch_size", 1)
     integer("seed", 0)
     threads = OmegaConf.select(cfg, "threads")
-    if threads != "auto" and threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    not_count = isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    if threads != "auto" and threads is not None and not_count:
         raise ConfigError(f"threads={threads!r}: must be auto, an integer >= 1, or null (torch's default)")
     integer("max_tasks", 1, optional=True)
     integer("checkpoint_every_n_steps", 1, optional=True)

@@ -18,9 +18,10 @@ from omegaconf import DictConfig  # noqa: E402
 
 from cl_lightning.config_resolvers import register_resolvers  # noqa: E402
 
-# The configs live at the repository's top level (conf/), beside the package; an absolute path keeps
-# `python -m cl_lightning` working from any directory (Hydra would read a relative one as a Python module path).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The configs ship inside the package (cl_lightning/conf/; the repository's top-level conf/ links to it), so a wheel
+# or a non-editable install carries them; an absolute path keeps `python -m cl_lightning` working from any
+# directory (Hydra would read a relative one as a Python module path).
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 register_resolvers()  # `${cl.case:...}` and `${cl_or:...}` in the configs, before Hydra resolves any of them
 
 

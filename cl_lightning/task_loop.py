@@ -165,7 +165,12 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
 
 
 def _fit_stream(
-    trainer: pl.Trainer, module: CLModule, dm: TaskSequenceDataModule, task_done: Any, train_s: float, eval_s: float,
+    trainer: pl.Trainer,
+    module: CLModule,
+    dm: TaskSequenceDataModule,
+    task_done: Any,
+    train_s: float,
+    eval_s: float,
     resumed: bool,
 ) -> tuple[float, float]:
     """An online stream: one fit over the whole stream (one optimizer, one scheduler, no hook at a true boundary);

@@ -47,7 +47,7 @@ def test_blur_zero_is_sharp_and_blur_raises_the_next_tasks_share_linearly() -> N
     window = tasks[int(0.75 * n) : int(1.25 * n)]
     shares = [float((part == 1).float().mean()) for part in window.chunk(5)]
     assert shares[0] < 0.25 and shares[-1] > 0.75, shares
-    assert all(b >= a - 0.15 for a, b in zip(shares, shares[1:])), f"rises through the window: {shares}"
+    assert all(b >= a - 0.15 for a, b in zip(shares, shares[1:], strict=False)), f"rises through the window: {shares}"
     assert 0.3 < shares[2] < 0.7, shares
 
 
@@ -154,7 +154,7 @@ def test_anytime_accuracy_online(make_cfg) -> None:
 def test_anytime_curve_in_task_mode_and_across_a_resume(make_cfg) -> None:
     whole = train(make_cfg("logger=none", "eval_every_n_steps=3"))
     assert whole["task_start_step"] == [t * whole["anytime"]["step"][-1] // 5 for t in range(5)] or all(
-        a < b for a, b in zip(whole["task_start_step"], whole["task_start_step"][1:])
+        a < b for a, b in zip(whole["task_start_step"], whole["task_start_step"][1:], strict=False)
     )
     assert whole["avg_anytime_acc"] == pytest.approx(anytime_from_curve(whole))
     first = make_cfg("logger=none", "eval_every_n_steps=3", "max_tasks=2")

@@ -71,7 +71,9 @@ def _functional(net: nn.Module, names: set[str] | None = None) -> tuple[dict[str
     return params, rest
 
 
-def _per_sample(net: nn.Module, names: set[str], outputs: Tensor | None, kind: str) -> tuple[Callable, dict[str, Tensor]]:
+def _per_sample(
+    net: nn.Module, names: set[str], outputs: Tensor | None, kind: str
+) -> tuple[Callable, dict[str, Tensor]]:
     """``vmap``-ed per-sample gradients of the parameters ``names`` (the others held constant) of the picked log
     probability (``kind="log_prob"``, arguments ``(params, x, c)``) or the squared logit norm (``"norm"``,
     ``(params, x)``), and the parameters to call it with."""
@@ -202,7 +204,8 @@ def diagonal_fisher(
                         capture.accumulate(total, grads, probs[:, c], chunk_size=chunk_size)
                 else:
                     picked = log_p.gather(1, labels.unsqueeze(1)).sum()
-                    capture.accumulate(total, torch.autograd.grad(picked, capture.outputs()), ones, chunk_size=chunk_size)
+                    grads = torch.autograd.grad(picked, capture.outputs())
+                    capture.accumulate(total, grads, ones, chunk_size=chunk_size)
             rest = frozenset(trainable - capture.parameter_names())
             del z, log_p
             if not rest:

@@ -86,7 +86,7 @@ class LwF(CLMethod):
         if alpha == "tasks":
             self.alpha: float | str = "tasks"
         elif isinstance(alpha, str):
-            raise ConfigError(f"method.alpha={alpha!r}: must be a number >= 0 or 'tasks' (the number of previous tasks)")
+            raise ConfigError(f"method.alpha={alpha!r}: must be a number >= 0 or 'tasks' (van de Ven & Tolias)")
         else:
             self.alpha = check_number("method.alpha", alpha)
         self.temperature = check_number("method.temperature", temperature, strict=True)

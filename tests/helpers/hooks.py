@@ -52,6 +52,7 @@ class OwnObjective(CLMethod):
     """Replaces the task loss with a constant-gradient objective: training must then ignore the labels."""
 
     name: ClassVar[str] = "own_objective"
+
     def replaces_task_loss(self) -> bool:
         return True
 

@@ -175,8 +175,10 @@ def test_seen_outputs_pull_the_new_classes_down_from_the_first_step(make_cfg, mo
     assert first["seen"] > 1e-3
 
 
-@pytest.mark.parametrize(("override", "message"), [("method.alpha=often", "method.alpha='often'"),
-                                                   ("method.class_il_outputs=new", "method.class_il_outputs='new'")])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("method.alpha=often", "method.alpha='often'"), ("method.class_il_outputs=new", "method.class_il_outputs='new'")],
+)
 def test_bad_choices_fail_with_the_key(make_cfg, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         train(make_cfg("method=lwf", override, "logger=none"))
