@@ -149,6 +149,9 @@ def instantiate_node(node: Any, key: str = "", **kwargs: Any) -> Any:
                 raise cause from err
             if isinstance(cause, TypeError) and (unknown := _unknown_argument(node, key, cause)) is not None:
                 raise unknown from err
+            if isinstance(cause, ImportError):  # e.g. logger=wandb without the wandb package
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+                raise ConfigError(f"{key}: {first}; install the package it names (pip install ...)") from err
             cause = cause.__cause__
         if (unknown := _unknown_argument(node, key, err)) is not None:
             raise unknown from err

@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cl_lightning.results import format_matrix, format_summary
@@ -52,7 +53,11 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, results: dict[str, Any]) -
         if not k.startswith("paths.") and v is not None
     }
     metrics = {f"hparam/{k}": results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if results.get(k) is not None}
-    logger.log_hyperparams(flat, metrics=metrics)  # type: ignore[call-arg]
+    if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs them with the metrics
+        logger.log_hyperparams(flat, metrics=metrics)
+    else:  # CSV, Weights & Biases, MLflow: the config, then the final metrics at the last step
+        logger.log_hyperparams(flat)
+        logger.log_metrics(metrics, step=trainer.global_step)
     logger.save()
 
 

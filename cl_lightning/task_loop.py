@@ -158,6 +158,8 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
     finally:
         if isinstance(trainer.logger, SequenceTensorBoardLogger):
             trainer.logger.close()
+        elif trainer.logger is not None:
+            trainer.logger.save()  # what was logged after the last fit (its row, the summary) is written too
     run.update(results)
     if trainer.is_global_zero and results:
         print_summary(results, name, run_dir / RESULTS_FILE)

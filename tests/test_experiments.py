@@ -37,7 +37,7 @@ def build(make_cfg, preset: str, *overrides: str) -> tuple[nn.Module, list[int]]
 def test_every_preset_is_tested() -> None:
     assert set(PRESETS) == {
         "agem_permuted_mnist", "der_permuted_mnist", "der_rotated_mnist", "der_split_cifar10", "der_split_mnist",
-        "vdv_split_mnist",
+        "online_split_mnist", "vdv_split_mnist",
     }  # fmt: skip
 
 
