@@ -76,6 +76,10 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "optimizer._target_": SGD, "optimizer.lr": 0.1, "batch_size": 10, "epochs_per_task": 1,
         "module.train_outputs": "all",
     },
+    "gdumb_split_mnist": {
+        "dataset.name": "split_mnist", "dataset.n_tasks": 5, "dataset.scenario": "class_il", "model._target_": MLP,
+        "model.hidden": [400, 400], "model.batch_norm": True, "epochs_per_task": 1, "batch_size": 128,
+    },
     "agem_permuted_mnist": {
         "dataset.name": "permuted_mnist", "dataset.n_tasks": 17, "dataset.max_samples_per_task": 55000,
         "model.hidden": [256, 256], "optimizer._target_": SGD, "optimizer.lr": 0.1, "batch_size": 10,
@@ -185,6 +189,11 @@ ROWS: dict[tuple[str, str], dict[str, Any]] = {
     ("online_split_mnist", "er"): {"method.buffer_size": 500, "method.replay_batch_size": 10},
     ("online_split_mnist", "mir"): {"method.buffer_size": 500, "method.replay_batch_size": 10, "method.subsample": 50},
     ("online_split_mnist", "er_ace"): {"method.buffer_size": 500, "method.replay_batch_size": 10},
+    # GDumb's scripts/replicate.sh (MNIST, MLP-400, k=500, 128 passes) and opts.py
+    ("gdumb_split_mnist", "gdumb"): {
+        "method.buffer_size": 500, "method.epochs": 128, "method.batch_size": 16, "method.max_lr": 0.05,
+        "method.min_lr": 0.0005, "method.clip": 10.0,
+    },
 }  # fmt: skip
 
 # A spec may name a variant of a method (DGR+distill is DGR with soft targets), never a hyperparameter.

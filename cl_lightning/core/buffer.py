@@ -17,6 +17,9 @@ Selection policies (who stays when the buffer is full):
   of the largest class (ties broken at random), so every seen class tends to an equal share; a sample of the
   largest class replaces a random sample of its own class with probability ``m_c / n_c`` (stored / seen of that
   class: a reservoir inside the class). Streaming, task-free.
+- ``gdumb`` -- GDumb's greedy class-balancing sampler (Prabhu et al., ECCV 2020, Alg. 1): while the buffer is full,
+  a sample whose class holds fewer than ``capacity / (classes seen)`` slots evicts a random sample of the largest
+  class (ties broken at random); any other sample is discarded. Streaming, task-free.
 - ``herding`` -- iCaRL's exemplar selection (Rebuffi et al., CVPR 2017, Alg. 4): at the end of a task, for each
   class of the task, greedily pick ``p_k = argmin_x || mu - (phi(x) + sum_{j<k} p_j) / k ||`` with ``phi`` the
   L2-normalised features and ``mu`` their class mean. Each class then holds ``capacity // n_classes_seen``
@@ -54,7 +57,7 @@ __all__ = [
     "kcenter_selection",
 ]
 
-STREAMING_SELECTIONS = ("reservoir", "class_balanced")
+STREAMING_SELECTIONS = ("reservoir", "class_balanced", "gdumb")
 TASK_END_SELECTIONS = ("herding", "kcenter", "random")
 SELECTIONS = STREAMING_SELECTIONS + TASK_END_SELECTIONS
 
@@ -230,7 +233,12 @@ class Buffer:
                 labels.append(c)
             else:
                 largest = max(counts.values())
-                if counts.get(c, 0) < largest:
+                if self.selection == "gdumb":  # below its share of the memory, or not kept at all
+                    if counts.get(c, 0) >= self.capacity / sum(1 for v in self.class_seen if v > 0):
+                        continue
+                    tied = sorted(k2 for k2, v in counts.items() if v == largest)
+                    victim = tied[self._randint(len(tied))] if len(tied) > 1 else tied[0]
+                elif counts.get(c, 0) < largest:
                     tied = sorted(k2 for k2, v in counts.items() if v == largest)
                     victim = tied[self._randint(len(tied))] if len(tied) > 1 else tied[0]
                 elif (

@@ -98,6 +98,8 @@ class MLP(nn.Module):
         init: ``default`` (PyTorch's ``nn.Linear`` initialisation) or ``xavier``: Glorot-uniform weights
             (``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``) and zero biases, the initialisation of Mammoth's
             ``MNISTMLP`` (Buzzega et al. 2020).
+        batch_norm: ``h_l = ReLU(BN(W_l h_{l-1}))`` (no bias before the batch norm, eps 1e-6), the MLP of GDumb's code
+            (Prabhu et al. 2020), whose last block also batch-normalises the logits (not here: the head stays linear).
 
     Raises:
         ValueError: if a width is not a positive integer, ``n_outputs < 1``, ``dropout`` is outside ``[0, 1)`` or
@@ -116,9 +118,12 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (400, 400),
         dropout: float = 0.0,
         init: str = "default",
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         _check_init(init)
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"model.batch_norm: must be true or false, got {batch_norm!r}")
         c, h, w = _check_input_shape(input_shape)
         n_outputs = _check_n_outputs(n_outputs)
         widths = _check_widths("hidden", hidden, allow_empty=True)
@@ -128,7 +133,10 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = c * h * w
         for width in widths:
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
+            if batch_norm:
+                layers += [nn.Linear(in_features, width, bias=False), nn.BatchNorm1d(width, eps=1e-6), nn.ReLU()]
+            else:
+                layers += [nn.Linear(in_features, width), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             in_features = width

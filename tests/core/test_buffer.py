@@ -309,3 +309,20 @@ def test_state_round_trip_while_growing_continues_identically(selection: str) ->
         a, b = getattr(original, name), getattr(restored, name)
         assert (a is None and b is None) or torch.equal(a, b), name
     assert original.size == restored.size == 56 and original.x.shape[0] < 1000
+
+
+def test_gdumb_sampler_keeps_each_class_to_its_share_and_drops_the_rest() -> None:
+    """GDumb's Alg. 1: a sample enters a full memory only while its class is below ``k / classes seen``; it then
+    evicts a sample of the largest class. Unlike the class-balanced reservoir, a class at its share keeps its first
+    samples: later ones are dropped."""
+    buf = Buffer(4, selection="gdumb", seed=0)
+    x = torch.arange(6, dtype=torch.float32)[:, None]
+    buf.add(x[:4], torch.zeros(4, dtype=torch.long), 0)  # fills the memory with class 0
+    buf.add(x[4:], torch.ones(2, dtype=torch.long), 1)  # class 1 below its share 4/2: evicts two of class 0
+    assert sorted(buf.y[: len(buf)].tolist()) == [0, 0, 1, 1]
+    kept = buf.x[: len(buf)].flatten().tolist()
+    for _ in range(20):  # class 0 is at its share: later samples of it are dropped, whatever the draws
+        buf.add(torch.full((1, 1), 99.0), torch.zeros(1, dtype=torch.long), 0)
+    assert buf.x[: len(buf)].flatten().tolist() == kept
+    buf.add(torch.full((1, 1), 7.0), torch.full((1,), 2), 2)  # a new class: share 4/3, it enters
+    assert sorted(buf.y[: len(buf)].tolist()) in ([0, 1, 1, 2], [0, 0, 1, 2])
