@@ -33,6 +33,7 @@ def train_from_scratch(
     momentum: float = 0.9,
     clip: float = 10.0,
     generator: torch.Generator | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> None:
     """GDumb's training schedule (Prabhu et al. 2020, their ``main.py``): SGD with momentum and weight decay, the
     first epoch at ``max_lr / 10`` (a warm start), then ``CosineAnnealingWarmRestarts(T_0=1, T_mult=2,
@@ -44,6 +45,7 @@ def train_from_scratch(
         n_samples: How many samples there are; ``loss_of(indices)`` gives the loss of a batch of them.
         loss_of: Batch loss from sample indices (``[b]`` long tensor on the CPU).
         generator: Draws the shuffles.
+        on_epoch_end: Called with the epoch's index after each pass (e.g. to record a learning curve).
     """
     optimizer = torch.optim.SGD(params, lr=max_lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=1, T_mult=2, eta_min=min_lr)
@@ -59,3 +61,5 @@ def train_from_scratch(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)

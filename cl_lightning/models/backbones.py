@@ -99,7 +99,9 @@ class MLP(nn.Module):
             (``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``) and zero biases, the initialisation of Mammoth's
             ``MNISTMLP`` (Buzzega et al. 2020).
         batch_norm: ``h_l = ReLU(BN(W_l h_{l-1}))`` (no bias before the batch norm, eps 1e-6), the MLP of GDumb's code
-            (Prabhu et al. 2020), whose last block also batch-normalises the logits (not here: the head stays linear).
+            (Prabhu et al. 2020).
+        batch_norm_logits: also ``logits = BN(W h_L)`` (the head without a bias, then a batch norm over the
+            outputs), as GDumb's last block does; ``head`` stays the linear layer, the norm is ``head_norm``.
 
     Raises:
         ValueError: if a width is not a positive integer, ``n_outputs < 1``, ``dropout`` is outside ``[0, 1)`` or
@@ -119,11 +121,13 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         init: str = "default",
         batch_norm: bool = False,
+        batch_norm_logits: bool = False,
     ) -> None:
         super().__init__()
         _check_init(init)
-        if not isinstance(batch_norm, bool):
-            raise ValueError(f"model.batch_norm: must be true or false, got {batch_norm!r}")
+        for key, flag in (("batch_norm", batch_norm), ("batch_norm_logits", batch_norm_logits)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"model.{key}: must be true or false, got {flag!r}")
         c, h, w = _check_input_shape(input_shape)
         n_outputs = _check_n_outputs(n_outputs)
         widths = _check_widths("hidden", hidden, allow_empty=True)
@@ -142,7 +146,8 @@ class MLP(nn.Module):
             in_features = width
         self.body = nn.Sequential(*layers)
         self.feature_dim: int = in_features
-        self.head = nn.Linear(self.feature_dim, n_outputs)
+        self.head = nn.Linear(self.feature_dim, n_outputs, bias=not batch_norm_logits)
+        self.head_norm = nn.BatchNorm1d(n_outputs, eps=1e-6) if batch_norm_logits else None
         init_linears(self, init)
 
     def features(self, x: Tensor) -> Tensor:
@@ -151,7 +156,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return the logits over all ``n_outputs``, ``[B, n_outputs]``."""
-        return self.head(self.features(x))
+        logits = self.head(self.features(x))
+        return logits if self.head_norm is None else self.head_norm(logits)
 
 
 class SmallCNN(nn.Module):

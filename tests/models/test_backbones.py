@@ -171,3 +171,19 @@ def test_cnn_validation_messages(factory, fragments: list[str]) -> None:
         factory()
     for fragment in fragments:
         assert fragment in str(excinfo.value)
+
+
+def test_mlp_batch_norm_is_gdumbs_block() -> None:
+    """``batch_norm``: Linear without bias, BatchNorm1d, ReLU per hidden layer; ``batch_norm_logits`` also normalises
+    the logits (GDumb's FCBlock and FinalBlock), the head staying the linear layer."""
+    net = MLP((1, 4, 4), 3, hidden=[5], batch_norm=True, batch_norm_logits=True)
+    kinds = [type(m).__name__ for m in net.body]
+    assert kinds == ["Flatten", "Linear", "BatchNorm1d", "ReLU"] and net.body[1].bias is None
+    assert isinstance(net.head, nn.Linear) and net.head.bias is None and isinstance(net.head_norm, nn.BatchNorm1d)
+    net.eval()
+    x = torch.rand(2, 1, 4, 4)
+    torch.testing.assert_close(net(x), net.head_norm(net.head(net.features(x))))
+    plain = MLP((1, 4, 4), 3, hidden=[5])
+    assert plain.head_norm is None and plain.head.bias is not None
+    with pytest.raises(ValueError, match="model.batch_norm_logits"):
+        MLP((1, 4, 4), 3, batch_norm_logits="yes")  # type: ignore[arg-type]
