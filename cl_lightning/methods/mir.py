@@ -44,7 +44,9 @@ class MIR(ReplayMethod):
     current task's samples, which needs task boundaries; MIR is task-free); the virtual step is a plain SGD step with
     the optimizer's ``lr`` whatever the optimizer (theirs is SGD, as the protocol's); their MNIST runs'
     ``--compare_to_old_logits`` variant (scores against the lowest loss seen at the sample's earlier retrievals) is
-    not implemented; under DDP each rank scores with its own batch's gradient (theirs run on one process).
+    not implemented. Under DDP the virtual gradient is averaged over the ranks (one all-reduce per step), so every
+    rank scores the same candidates with the global batch's gradient, retrieves the same samples and the run
+    matches one process with the global batch (theirs run on one process).
 
     Cost per step: one extra forward and backward of the incoming batch (the virtual gradient), two forwards of the
     candidates without gradients, and the replayed batch's forward and backward.
@@ -87,6 +89,11 @@ class MIR(ReplayMethod):
             return F.cross_entropy(pl_module.training_logits(z, batch.task_id), batch.y)
 
         g = grad(incoming)(params, buffers)
+        trainer = pl_module.trainer
+        if trainer.world_size > 1:  # the global batch's gradient: every rank scores and retrieves alike
+            flat = trainer.strategy.reduce(torch.cat([v.reshape(-1) for v in g.values()]), reduce_op="mean")
+            g = dict(zip(g, (c.view_as(v) for c, v in zip(flat.split([v.numel() for v in g.values()]), g.values(),
+                                                         strict=True)), strict=True))  # fmt: skip
         lr = self.learning_rate(pl_module)
         virtual = {n: p - lr * g[n] for n, p in params.items()}
         y, tid = candidates.y, candidates.task_id  # type: ignore[attr-defined]

@@ -20,7 +20,7 @@ from cl_lightning.train import train
 def fake_module(net: nn.Module, lr: float) -> SimpleNamespace:
     return SimpleNamespace(
         net=net, prepare=lambda x, train=False: x, training_logits=lambda z, tid: z,
-        optimizers=lambda: SimpleNamespace(param_groups=[{"lr": lr}]),
+        optimizers=lambda: SimpleNamespace(param_groups=[{"lr": lr}]), trainer=SimpleNamespace(world_size=1),
     )  # fmt: skip
 
 
