@@ -30,7 +30,7 @@ SMALL = ["method=er", "method.buffer_size=50", "method.replay_batch_size=32", "l
     [
         ("method.buffer_size=0", "method.buffer_size=0: must be an integer >= 1"),
         ("method.replay_batch_size=-1", "method.replay_batch_size=-1"),
-        ("method.selection=fifo", "method.selection='fifo': choose one of reservoir, class_balanced, herding"),
+        ("method.selection=fifo", "method.selection='fifo': choose one of reservoir, class_balanced, gdumb, herding"),
     ],
 )
 def test_bad_values_name_the_key(make_cfg, override: str, message: str) -> None:
