@@ -22,6 +22,7 @@ def test_default_run_on_embedded_data(tmp_path: Path) -> None:
     assert (run_dir / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow  # a command-line subprocess (CI runs -m slow too): the default suite under 5 min
 def test_multirun_writes_summary_over_seeds(tmp_path: Path) -> None:
     proc = run_cli(
         "-m", "method=naive,joint", "seed=0,1", "dataset.source._target_=helpers.synthetic.blobs",
@@ -42,8 +43,8 @@ def test_multirun_writes_summary_over_seeds(tmp_path: Path) -> None:
     ("args", "expected"),
     [
         (["dataset.scenario=bogus"], "dataset.scenario='bogus'"),
-        (["optimizer.lr=-0.1"], "optimizer.lr=-0.1"),
-        (["dataset.n_tasks=3"], "dataset.n_tasks=3"),
+        pytest.param(["optimizer.lr=-0.1"], "optimizer.lr=-0.1", marks=pytest.mark.slow),
+        pytest.param(["dataset.n_tasks=3"], "dataset.n_tasks=3", marks=pytest.mark.slow),
     ],
 )
 def test_bad_values_exit_nonzero_with_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -68,6 +69,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path: Path) -> None:
     assert str(tmp_path / "nowhere") in proc.stderr
 
 
+@pytest.mark.slow  # a command-line subprocess (CI runs -m slow too): the default suite under 5 min
 def test_a_failed_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     proc = run_cli(
         "-m", "optimizer.lr=0.1,-1,0.05", "dataset.source._target_=helpers.synthetic.blobs", "dataset.name=blobs",

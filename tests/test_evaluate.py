@@ -38,6 +38,7 @@ def test_a_packnet_run_evaluates_each_task_with_its_own_weights(make_cfg) -> Non
     assert evaluate(load_run(cfg.paths.output_dir))["accuracy"] == results["acc_matrix"][-1]
 
 
+@pytest.mark.slow  # a command-line subprocess (CI runs -m slow too): the default suite under 5 min
 def test_the_command_exports_the_network(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("logger=none", "epochs_per_task=1", "max_tasks=2")
     results = train(cfg)

@@ -50,6 +50,7 @@ def test_notebooks_are_stored_without_outputs(name: str) -> None:
     assert "CL_NOTEBOOK_SMOKE" in code[0].source, "the first code cell holds the parameters"
 
 
+@pytest.mark.slow  # runs the notebook in a kernel of its own (CI runs -m slow too); the default suite under 5 min
 def test_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     text, images = outputs(execute("quickstart", tmp_path, monkeypatch))
     assert "accuracy matrix" in text and "avg_acc" in text and "forgetting" in text

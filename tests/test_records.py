@@ -114,8 +114,10 @@ def test_resume_refuses_overrides_that_change_the_run(tmp_path: Path) -> None:
     ("args", "expected"),
     [
         (["+epoch_per_task=3"], "did you mean epochs_per_task"),
-        (["+module.reset_optimiser=false"], "did you mean module.reset_optimizer"),
-        (["+method.buffer_sise=10", "method=er"], "did you mean method.buffer_size"),
+        pytest.param(["+module.reset_optimiser=false"], "did you mean module.reset_optimizer", marks=pytest.mark.slow),
+        pytest.param(
+            ["+method.buffer_sise=10", "method=er"], "did you mean method.buffer_size", marks=pytest.mark.slow
+        ),
     ],
 )
 def test_unknown_keys_are_refused_and_leave_no_directory(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -190,6 +190,7 @@ def test_an_empty_out_directory_is_used(sweep: Path, tmp_path: Path) -> None:
     assert write_report(sweep, out).is_file()
 
 
+@pytest.mark.slow  # a command-line subprocess (CI runs -m slow too): the default suite under 5 min
 def test_command_line(sweep: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "cl_lightning.report", str(sweep)]

@@ -50,6 +50,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None
     assert "| joint | blobs |" in summary.read_text() and "| naive | blobs |" in summary.read_text()
 
 
+@pytest.mark.slow  # a command-line subprocess (CI runs -m slow too): the default suite under 5 min
 def test_optuna_tunes_on_the_validation_split(tmp_path: Path) -> None:
     proc = run_cli(
         tmp_path, "hparams_search=lr", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
