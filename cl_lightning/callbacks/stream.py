@@ -18,7 +18,7 @@ class StreamBoundaries(pl.Callback):
     and call ``on_row(t)`` (the run writes ``results.json`` and ``last.ckpt`` there, as after a task's fit).
 
     Placed after the methods and before Lightning's ``ModelCheckpoint`` among the trainer's callbacks, so a
-    checkpoint of that step holds the row. Evaluation is the task-end one (:meth:`CLModule.eval_logits`, eval mode,
+    checkpoint of that step holds the row. Evaluation is the task-end one (:meth:`CLModule.test_step`, eval mode,
     no gradients, every rank its shard of each test set, summed by the matrices).
 
     The steps come from :meth:`TaskSequenceDataModule.boundary_steps` for the run's number of processes.
@@ -49,16 +49,13 @@ class StreamBoundaries(pl.Callback):
             t += 1
 
     def _evaluate(self, trainer: pl.Trainer, module: Any, row: int) -> None:
+        # the task-end evaluation itself (CLModule.test_step fills row `eval_row`), without leaving the fit
         start = time.perf_counter()
-        was_training = module.training
+        was_training, module.eval_row = module.training, row
         module.eval()
         with torch.no_grad():
             for j, loader in enumerate(trainer.datamodule.eval_dataloaders()):  # type: ignore[attr-defined]
-                for batch in loader:
-                    x, y = batch.x.to(module.device), batch.y.to(module.device)
-                    preds, masked = module.eval_logits(x, j)
-                    module.acc_matrix.update(preds, y, row, j)
-                    if module.scenario == "class_il":
-                        module.task_il_matrix.update(masked, y, row, j)
+                for i, batch in enumerate(loader):
+                    module.test_step(batch._replace(x=batch.x.to(module.device), y=batch.y.to(module.device)), i, j)
         module.train(was_training)
         self.eval_seconds += time.perf_counter() - start

@@ -92,8 +92,8 @@ class MIR(ReplayMethod):
         trainer = pl_module.trainer
         if trainer.world_size > 1:  # the global batch's gradient: every rank scores and retrieves alike
             flat = trainer.strategy.reduce(torch.cat([v.reshape(-1) for v in g.values()]), reduce_op="mean")
-            g = dict(zip(g, (c.view_as(v) for c, v in zip(flat.split([v.numel() for v in g.values()]), g.values(),
-                                                         strict=True)), strict=True))  # fmt: skip
+            chunks = flat.split([v.numel() for v in g.values()])
+            g = {name: chunk.view_as(v) for (name, v), chunk in zip(g.items(), chunks, strict=True)}
         lr = self.learning_rate(pl_module)
         virtual = {n: p - lr * g[n] for n, p in params.items()}
         y, tid = candidates.y, candidates.task_id  # type: ignore[attr-defined]
