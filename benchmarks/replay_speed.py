@@ -53,7 +53,7 @@ BARS = {"er": 2.2, "der": 2.2, "derpp": 2.2, "agem": 2.5, "gem": 4.0}
 BUFFER_CODE = ("(buffer.py:",)
 
 
-REPLAY = ("er", "der", "derpp", "agem", "gem")
+REPLAY = ("er", "der", "derpp", "agem", "gem", "icarl", "xder")
 
 
 def method_overrides(spec: str, replay_batch_size: int) -> list[str]:

@@ -52,7 +52,7 @@ TABLES: dict[str, tuple[str, list[str], dict[str, float | None], dict[str, float
         ["experiment=vdv_split_mnist", "dataset.scenario=class_il"],
         {
             "ewc": 20.01, "online_ewc": 19.96, "si": 19.99, "lwf": 23.85, "dgr": 90.79,
-            "dgr method.distill=true": 91.79,
+            "dgr method.distill=true": 91.79, "icarl": 94.57,
         },
         {},
     ),
@@ -67,8 +67,19 @@ TABLES: dict[str, tuple[str, list[str], dict[str, float | None], dict[str, float
         "Split-MNIST, Buzzega et al. (2020) protocol, buffer 500 (Mammoth's seq-mnist: trained class-IL, "
         "task-IL is the same runs evaluated with the task's logits only)",
         ["experiment=der_split_mnist", "dataset.scenario=class_il"],
-        {"er": 86.12, "der": 90.54, "derpp": 91.00, "gem": 85.99, "agem": 46.66, "joint": 95.57, "naive": 19.60},
+        # X-DER, BiC and LUCIR: no published Split-MNIST number (the issue's bar: at least 60, never NaN over 5 seeds)
+        {
+            "er": 86.12, "der": 90.54, "derpp": 91.00, "gem": 85.99, "agem": 46.66, "joint": 95.57, "naive": 19.60,
+            "xder": None, "bic": None, "lucir": None,
+        },
         {"derpp": 98.94},
+    ),
+    "der_split_fmnist": (
+        "Split Fashion-MNIST class-IL, the Buzzega et al. (2020) Split-MNIST protocol, buffer 500 (no published "
+        "numbers: every method with its Split-MNIST values)",
+        ["experiment=der_split_fmnist", "dataset.scenario=class_il"],
+        {"er": None, "derpp": None, "joint": None, "xder": None, "bic": None, "lucir": None},
+        {},
     ),
     "der_permuted_mnist_replay": (
         "Permuted-MNIST domain-IL, 20 tasks, Buzzega et al. (2020) protocol, buffer 500",
@@ -172,8 +183,32 @@ NOTES = {
         "0.26 for the true class, which the old classes' share outbids; we measured 0.27 during training. Other "
         "settings, on seed 0: the plain distillation over the old classes (`method.alpha=1`, the earlier preset) "
         "19.91 ± 0.01 over 3 seeds, and `method.alpha` 3 and 10 (19.93, 19.89); the padded targets with a constant "
-        "`method.alpha=0.25` (Li & Hoiem's lambda_o = 1) 21.70. What makes their runs reach 23.85 is not found: their "
-        "MNIST is padded to 32x32 and their classes are permuted per seed, which we do not do."
+        "`method.alpha=0.25` (Li & Hoiem's lambda_o = 1) 21.70; a class order permuted per seed as theirs "
+        "(`dataset.class_order=random`) 20.68. What makes their runs reach 23.85 is not found; their MNIST is padded "
+        "to 32x32, which we do not do."
+    ),
+    "der_split_fmnist": (
+        "No published numbers exist for this protocol on Fashion-MNIST; each method runs with its Split-MNIST "
+        "preset (`conf/experiment_method/der_split_fmnist/<method>.yaml` includes "
+        "`der_split_mnist/<method>.yaml`), which were not tuned here. Joint training is the upper bound (85.09). "
+        "Fashion-MNIST came from Debian's `dataset-fashion-mnist` package (found without "
+        "`data_dir`/`CL_DATA_DIR`). BiC trails here (67.86 ± 3.21) with the widest spread over seeds; its cause "
+        "was not examined."
+    ),
+    "der_split_mnist": (
+        "X-DER, BiC and LUCIR have no published Split-MNIST number (their papers' protocols are CIFAR-100, ImageNet "
+        "and larger), so their rows have no published column; the bar is the issue's: at least 60, never NaN over 5 "
+        "seeds (all three met, seeds 0-4). Their values are ours where the papers give none (each preset file says "
+        "which). X-DER (without the future-preparation SupCon loss) forgets far less than DER++ (1.16 against 9.41 "
+        "points of forgetting) but learns the last task poorly in class-IL (24-38% on it right after it, DER++ 96-97):"
+        " its separated cross-entropy cannot lift the current head against the old ones, and at the last task only "
+        "the past-logit constraint (eta 0.1) does; `method.eta=1.0` gives 91.14 on seed 0 (not the preset: not tuned "
+        "to win). Its guarded rescaling (a shift instead of the paper's factor where the ground-truth logit is <= 0) "
+        "acted in 363 of 11,265 rewrites on seed 0. BiC's head without the bias correction "
+        "(`diagnostics.bic`) gives 68.62 ± 2.67 on the same runs, the correction 14 points more. LUCIR replays the "
+        "protocol's 10 exemplars per step (`method.replay_batch_size=10`; in proportion to the memory, B |M| / N, "
+        "would be 0.4 at batch 10) and evaluates with its cosine classifier; its nearest-mean classifier "
+        "(`diagnostics.lucir.nme_acc`) averages 89.54 over the same runs."
     ),
     "der_permuted_mnist_replay": (
         "ER's loss was then the sum of the current batch's mean cross-entropy and the replayed batch's; Mammoth (and "

@@ -10,6 +10,11 @@ A method changes training through four doors only (``CONVENTIONS.md``, rule 3):
    across a resume;
 4. **a model of its own** -- :meth:`CLMethod.auxiliary_step`, called by the module in every training step, where a
    method trains a model that is not the network (deep generative replay's generator) with its own optimizer.
+
+and evaluation through one more:
+
+5. **a classifier of its own** -- :meth:`CLMethod.eval_scores`, the scores the module predicts from at evaluation in
+   place of the network's logits (iCaRL's nearest-mean-of-exemplars classifier).
 """
 
 from __future__ import annotations
@@ -105,6 +110,22 @@ class CLMethod(pl.Callback):
         after the step (a mid-task one included), so a resumed run continues exactly.
         """
 
+    def eval_scores(self, pl_module: CLModule, inputs: Tensor, task_id: int, logits: Tensor) -> Tensor:
+        """Scores over the outputs, ``[B, n_outputs]``, that evaluation predicts from (their argmax) instead of
+        ``logits`` (default: ``logits``; the module calls only the methods that override it, at most one).
+
+        Called by :meth:`CLModule.eval_logits`, the one evaluation path (task-end tests and periodic evaluation),
+        inside :meth:`task_view`, without gradients; the module then masks the scores like logits (task-IL: the
+        task's outputs). Outputs the method cannot score get ``-inf``.
+
+        Args:
+            pl_module: The module (``pl_module.net.features`` gives the network's features of ``inputs``).
+            inputs: Network inputs (``pl_module.prepare(x)`` of the evaluated batch, un-augmented).
+            task_id: The task whose data is evaluated.
+            logits: The network's raw logits of ``inputs``.
+        """
+        return logits
+
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         """Called once when training on ``task_id`` begins.
 
@@ -157,7 +178,8 @@ def check_combination(methods: list[CLMethod]) -> None:
     """Refuse combinations that cannot work together, with the reason (``CONVENTIONS.md``, rule 3).
 
     Methods combine when they use different doors or doors that add up (loss terms add; task events run in order);
-    at most one may edit gradients, and names must be distinct (they prefix the logged loss terms and key the state).
+    at most one may edit gradients, at most one may replace the task loss or the evaluation classifier, and names
+    must be distinct (they prefix the logged loss terms and key the state).
     """
     names = [m.name for m in methods]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -168,6 +190,12 @@ def check_combination(methods: list[CLMethod]) -> None:
         raise ConfigError(
             f"methods {' and '.join(owners)} both replace the task loss with their own objective and cannot be "
             "combined; keep one of them"
+        )
+    scorers = [m.name for m in methods if type(m).eval_scores is not CLMethod.eval_scores]
+    if len(scorers) > 1:
+        raise ConfigError(
+            f"methods {' and '.join(scorers)} both bring their own classifier for evaluation and cannot be combined; "
+            "keep one of them"
         )
     editors = [m for m in methods if m.gradient_edit is not None]
     if len(editors) > 1:

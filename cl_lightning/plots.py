@@ -25,7 +25,7 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def accuracy_heatmap(matrix: np.ndarray, title: str = "accuracy matrix") -> Figure:
-    """Heatmap of an accuracy matrix (rows: after training task i; columns: task j), cells annotated in percent.
+    """Heatmap of an accuracy matrix (rows: after training task i; columns: task j), in percent (cells and colour bar).
 
     Args:
         matrix: Accuracy matrix as fractions, ``[rows, n_tasks]``; rows not yet trained are NaN and drawn blank.
@@ -39,7 +39,7 @@ def accuracy_heatmap(matrix: np.ndarray, title: str = "accuracy matrix") -> Figu
     size = max(3.0, 0.6 * n_cols + 1.5)
     fig = new_figure(size, size * n_rows / n_cols + 0.3)
     ax = fig.subplots()
-    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    im = ax.imshow(100 * matrix, vmin=0, vmax=100, cmap="viridis")
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
     ax.set_xticks(range(n_cols))
@@ -51,7 +51,7 @@ def accuracy_heatmap(matrix: np.ndarray, title: str = "accuracy matrix") -> Figu
                 if np.isfinite(matrix[i, j]):
                     color = "black" if matrix[i, j] > 0.6 else "white"
                     ax.text(j, i, f"{100 * matrix[i, j]:.0f}", ha="center", va="center", fontsize=8, color=color)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("accuracy (%)")
     fig.tight_layout()
     return fig
 
@@ -71,7 +71,7 @@ def accuracy_curves(matrix: np.ndarray, title: str = "accuracy on each task") ->
     Returns:
         The figure.
     """
-    matrix = np.asarray(matrix, dtype=float)
+    matrix = 100 * np.asarray(matrix, dtype=float)
     n_rows, n_cols = matrix.shape
     steps = np.arange(n_rows)
     fig = new_figure(max(4.5, 0.5 * n_rows + 3.5), 3.6)
@@ -88,10 +88,10 @@ def accuracy_curves(matrix: np.ndarray, title: str = "accuracy on each task") ->
             ax.plot(steps[after], column[after], marker="o", markersize=3, color=color, label=f"task {j}")
             ax.plot([j], [column[j]], marker="o", markersize=7, color=color)
     ax.set_xlabel("after training task i")
-    ax.set_ylabel("accuracy on task j")
+    ax.set_ylabel("accuracy on task j (%)")
     ax.set_xticks(steps)
     ax.set_xlim(-0.3, max(n_rows - 1, 1) + 0.3)
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     if n_rows:
@@ -112,7 +112,7 @@ def anytime_curves(
         task_start_step: Each task's first step (``None``: not reached).
         title: Axes title.
     """
-    matrix = np.asarray(matrix, dtype=float)
+    matrix = 100 * np.asarray(matrix, dtype=float)
     fig = new_figure(7.0, 3.6)
     ax = fig.subplots()
     colors = mpl.colormaps["tab10" if matrix.shape[1] <= 10 else "tab20"]
@@ -122,8 +122,8 @@ def anytime_curves(
         if start is not None and j > 0:
             ax.axvline(start, color=colors(j % colors.N), linestyle="--", linewidth=0.8, alpha=0.7)
     ax.set_xlabel("optimizer step (dashed: a task's start)")
-    ax.set_ylabel("accuracy on task j")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy on task j (%)")
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -131,45 +131,109 @@ def anytime_curves(
     return fig
 
 
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
 def comparison_bars(
     rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("avg_acc", "forgetting"), title: str = ""
 ) -> Figure:
-    """Bars comparing groups of runs: one panel per metric, one bar per group, mean with std error bars over seeds.
+    """Horizontal bars comparing groups of runs: one panel per metric, one bar per group, the mean over seeds with
+    the sample std as error bar (none for a group of one run), in percent.
+
+    Bars are horizontal so that a group's label is one line beside its bar however many groups there are (vertical
+    bars with labels beneath turn 20 groups into an unreadable band of text); each value is written past the end of
+    its error bar, so it never overlaps the cap.
 
     Args:
         rows: One dict per group, as :func:`cl_lightning.callbacks.sweep_summary.summarize_runs` returns them: keys
-            ``method``, ``dataset``, ``scenario``, ``runs`` and ``<metric>_mean`` / ``<metric>_std`` (fractions),
-            and optionally ``label``, the text under the bar. A group without a metric gets no bar in that panel.
+            ``method``, ``dataset``, ``scenario``, ``runs`` and ``<metric>_mean`` / ``<metric>_std`` (fractions;
+            std ``None`` for one run), and optionally ``label``, the text beside the bar. A group without a metric
+            gets no bar in that panel.
         metrics: The metrics to draw, one panel each.
         title: Figure title.
 
     Returns:
         The figure.
     """
-    labels = [r.get("label") or f"{r['method']}\n{r['dataset']}/{r['scenario']}\nn={r['runs']}" for r in rows]
+    labels = [r.get("label") or f"{r['method']} · {r['dataset']}/{r['scenario']} · n={r['runs']}" for r in rows]
     methods = sorted({r["method"] for r in rows})
-    colors = mpl.colormaps["tab10"]
+    colors = mpl.colormaps["tab10" if len(methods) <= 10 else "tab20"]
     color_of = {m: colors(i % colors.N) for i, m in enumerate(methods)}
-    width = max(4.0, 0.9 * len(rows) + 1.5)
-    fig = new_figure(width * len(metrics), 3.8)
-    axes = fig.subplots(1, len(metrics), squeeze=False)
-    x = np.arange(len(rows))
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        means = np.array([100 * r.get(f"{metric}_mean", np.nan) for r in rows], dtype=float)
-        stds = np.array([100 * r.get(f"{metric}_std", np.nan) for r in rows], dtype=float)
-        bar_colors = [color_of[r["method"]] for r in rows]
-        ax.bar(x, np.nan_to_num(means), yerr=np.nan_to_num(stds), capsize=4, color=bar_colors)
-        for xi, mean in zip(x, means, strict=True):
+    label_inches = 0.065 * max((len(line) for label in labels for line in label.split("\n")), default=10)
+    lines_per_label = max((label.count("\n") + 1 for label in labels), default=1)
+    fig = new_figure(
+        label_inches + 3.6 * len(metrics), max(2.6, 1.2 + 0.2 * lines_per_label * len(rows) + 0.25 * bool(title))
+    )
+    axes = fig.subplots(1, len(metrics), squeeze=False, sharey=True)
+    y = np.arange(len(rows))
+    for k, (ax, metric) in enumerate(zip(axes[0], metrics, strict=True)):
+        means = np.array([100 * _or_nan(r.get(f"{metric}_mean")) for r in rows], dtype=float)
+        stds = np.array([100 * _or_nan(r.get(f"{metric}_std")) for r in rows], dtype=float)  # None: one run
+        errs = np.nan_to_num(stds)
+        ax.barh(y, np.nan_to_num(means), xerr=errs, capsize=3, color=[color_of[r["method"]] for r in rows], height=0.7)
+        finite = np.isfinite(means)
+        ends = np.where(means >= 0, means + errs, means - errs)  # where each value's label starts
+        low = min(0.0, float((means - errs)[finite].min())) if finite.any() else 0.0
+        high = max(0.0, float((means + errs)[finite].max())) if finite.any() else 1.0
+        pad = 0.22 * max(high - low, 1.0)  # room for the labels past the error bars
+        negative, positive = bool((means[finite] < 0).any()), bool((means[finite] >= 0).any())
+        ax.set_xlim(low - pad * negative - 0.02 * pad, high + pad * positive + 0.02 * pad)
+        for yi, mean, end in zip(y, means, ends, strict=True):
             if np.isfinite(mean):
-                offset = {"xytext": (0, 2), "textcoords": "offset points"}
-                ax.annotate(f"{mean:.1f}", (xi, mean), ha="center", fontsize=7, **offset)
-        ax.axhline(0, color="black", linewidth=0.8)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, fontsize=7)
-        ax.set_ylabel(f"{metric} (%)")
-        ax.set_title(metric)
-        ax.grid(axis="y", alpha=0.3)
+                right = mean >= 0
+                ax.annotate(
+                    f"{mean:.1f}", (end, yi), xytext=(3 if right else -3, 0), textcoords="offset points",
+                    ha="left" if right else "right", va="center", fontsize=7,
+                )  # fmt: skip
+        ax.axvline(0, color="black", linewidth=0.8)
+        if k == 0:  # the axes share y: the other panels hide these labels themselves
+            ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xlabel(f"{metric} (%)")
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()  # the first group on top, in the order of the table
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def group_curves(
+    curves: list[dict[str, Any]], xlabel: str, ylabel: str, title: str = "", xticks: list[int] | None = None
+) -> Figure:
+    """Curves of several groups of runs on one axes, each the mean over seeds with a band of ± one sample std.
+
+    Args:
+        curves: One dict per group: ``label``, ``x``, ``mean`` (percent) and ``std`` (percent, or None for one run:
+            no band).
+        xlabel: The x axis' label.
+        ylabel: The y axis' label.
+        title: Axes title.
+        xticks: Tick positions of the x axis (default: matplotlib's).
+
+    Returns:
+        The figure.
+    """
+    colors = mpl.colormaps["tab10" if len(curves) <= 10 else "tab20"]
+    longest = max((len(c["label"]) for c in curves), default=10)
+    fig = new_figure(5.5 + 0.065 * longest, max(3.6, 1.6 + 0.2 * len(curves)))
+    ax = fig.subplots()
+    for i, curve in enumerate(curves):
+        color = colors(i % colors.N)
+        x, mean = np.asarray(curve["x"]), np.asarray(curve["mean"], dtype=float)
+        ax.plot(x, mean, marker="o" if len(x) <= 20 else None, markersize=3, color=color, label=curve["label"])
+        if curve.get("std") is not None:
+            std = np.asarray(curve["std"], dtype=float)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if xticks is not None:
+        ax.set_xticks(xticks)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return fig

@@ -1,10 +1,12 @@
 """A Markdown report with plots of every run below a directory: ``python -m cl_lightning.report <dir> [--out DIR]``.
 
 The directory is a run directory (it holds ``results.json``), a sweep directory (``<job>/results.json``) or any tree
-of them (``outputs/``). The report (``report.md``) has the comparison of methods (mean ± sample std over seeds per
-method x dataset x scenario x swept setting, computed by the sweep summary's own ``summarize_runs``), the failed,
-diverged, incomplete and unreadable runs, and for every run its metrics, its accuracy matrix as a table and its
-figures: the matrix as a heatmap and the accuracy on each task after each training task. Figures are PNG files drawn on
+of them (``outputs/``). The report (``report.md``) has the comparison of methods (mean ± sample std, 95% CI and the
+paired test against ``summary.reference`` over seeds per method x dataset x scenario x swept setting, with the cost
+beside the accuracy, computed by the sweep summary's own ``summarize_runs``), bars of the groups and their accuracy over
+the tasks seen so far on one axes with seed bands, the failed, diverged, incomplete, duplicate and unreadable runs, and
+for every run its metrics, its accuracy matrix as a table and its figures: the matrix as a heatmap and the accuracy on
+each task after each training task. Accuracies are in percent everywhere. Figures are PNG files drawn on
 matplotlib's Agg canvas (:mod:`cl_lightning.plots`).
 
 Only complete runs are pooled (:func:`cl_lightning.results.run_status`): a diverged run (stopped on a non-finite loss;
@@ -30,8 +32,21 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from cl_lightning import __version__
-from cl_lightning.callbacks.sweep_summary import METRICS, failed_jobs, left_out_counts, summarize_runs
-from cl_lightning.plots import accuracy_curves, accuracy_heatmap, anytime_curves, comparison_bars
+from cl_lightning.callbacks.sweep_summary import (
+    METRIC_LABELS,
+    METRICS,
+    duplicate_runs,
+    failed_jobs,
+    format_ci,
+    format_stat,
+    format_vs,
+    left_out_counts,
+    metric_value,
+    seed_statistics,
+    statistics_table,
+    summarize_runs,
+)
+from cl_lightning.plots import accuracy_curves, accuracy_heatmap, anytime_curves, comparison_bars, group_curves
 from cl_lightning.results import RunStatus, run_status
 
 RESULTS_FILE = "results.json"
@@ -126,15 +141,16 @@ def find_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
 
 
 def _single_run_row(run: Run) -> dict[str, Any]:
-    """The comparison row of a lone run (the report's root is one run directory): itself, std 0."""
+    """The comparison row of a lone run (the report's root is one run directory): itself, n=1 (no std, no CI)."""
     res = run.results
     row: dict[str, Any] = {"method": res["method"], "dataset": res["dataset"], "scenario": res["scenario"]}
     kind = run.status.kind
     row |= {"setting": "", "runs": int(run.complete), "seeds": str(res["seed"]) if run.complete else ""}
-    row |= {"incomplete": int(kind == "incomplete"), "diverged": int(kind == "diverged")}
+    row |= {"incomplete": int(kind == "incomplete"), "diverged": int(kind == "diverged"), "duplicates": 0}
+    row["run_dirs"] = [str(run.path)] if run.complete else []
     for metric in METRICS if run.complete else ():
-        if res.get(metric) is not None:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = float(res[metric]), 0.0
+        if (value := metric_value(res, metric)) is not None:
+            row |= {f"{metric}_{k}": v for k, v in seed_statistics([value]).items()}
     return row
 
 
@@ -147,11 +163,14 @@ class Comparison:
             :func:`~cl_lightning.callbacks.sweep_summary.summarize_runs` makes them, with ``sweep``: the directory
             of the runs, relative to the report's root.
         failed: ``(job directory, error)`` for each job that left ``failed.json`` or died without results.
+        duplicates: ``(job directory, job it repeats)`` for each complete run whose seed and settings an earlier run
+            of its group has (pooled once: a repeated seed is not a new sample).
         skipped: One line per directory whose runs could not be summarised, saying why.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
@@ -178,11 +197,14 @@ def compare(root: Path, runs: list[Run]) -> Comparison:
         try:
             rows = summarize_runs(parent)
             failed = failed_jobs(parent)
+            duplicates = duplicate_runs(parent)
         except (OSError, ValueError, KeyError, TypeError) as err:  # a results.json edited by hand, half-copied ...
             result.skipped.append(f"`{sweep}`: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             continue
         result.rows += [row | {"sweep": sweep} for row in rows]
         result.failed += [(f"{sweep}/{job}" if sweep != "." else job, error) for job, error in failed]
+        prefix = f"{sweep}/" if sweep != "." else ""
+        result.duplicates += [(prefix + job, prefix + first) for job, first in duplicates]
     return result
 
 
@@ -241,36 +263,107 @@ def _group_columns(rows: list[dict[str, Any]]) -> list[str]:
     return columns + (["setting"] if any(r.get("setting") for r in rows) else [])
 
 
+def _references(rows: list[dict[str, Any]]) -> str | None:
+    """The reference method of the paired tests (``summary.reference``): its name when every sweep with one used
+    the same, ``reference`` when they differ, None when no sweep had one."""
+    names = {r["method"] for r in rows if r.get("reference")}
+    if not any("reference" in r for r in rows):
+        return None
+    return names.pop() if len(names) == 1 else "reference"
+
+
 def _comparison_table(rows: list[dict[str, Any]]) -> list[str]:
     metrics = [m for m in METRICS if any(f"{m}_mean" in r for r in rows)]
     keys = _group_columns(rows)
-    lines = [
-        "| " + " | ".join([*keys, "runs", "seeds", *metrics]) + " |",
-        "|---" * (len(keys) + 2 + len(metrics)) + "|",
-    ]
+    reference = _references(rows)
+    extra = ["avg_acc 95% CI"] if "avg_acc" in metrics else []
+    extra += [f"avg_acc vs {reference}"] if reference and extra else []
+    header = [*keys, "runs", "seeds", *(METRIC_LABELS.get(m, m) for m in metrics), *extra]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for row in rows:
         runs = f"{row['runs']}{left_out_counts(row)}"
         cells = [str(row.get(k) or "-") for k in keys] + [runs, row["seeds"] or "-"]
-        for metric in metrics:
-            if f"{metric}_mean" not in row:
-                cells.append("-")
-            elif metric == "train_seconds":
-                cells.append(f"{row[f'{metric}_mean']:.1f} ± {row[f'{metric}_std']:.1f}")
-            else:
-                cells.append(f"{100 * row[f'{metric}_mean']:.2f} ± {100 * row[f'{metric}_std']:.2f}")
+        cells += [format_stat(row, metric) for metric in metrics]
+        if extra:
+            cells.append(format_ci(row, "avg_acc"))
+        if len(extra) > 1:
+            cells.append(format_vs(row, "avg_acc"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _bar_labels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows with a ``label`` for the comparison bars: method, dataset/scenario, setting, sweep, runs."""
+    """The rows with a one-line ``label``: the method, then what tells the groups apart (dataset/scenario when they
+    differ, setting, sweep), then the number of runs."""
     keys = _group_columns(rows)
+    several = len({(r["dataset"], r["scenario"]) for r in rows}) > 1
     labelled = []
     for row in rows:
-        parts = [row["method"], f"{row['dataset']}/{row['scenario']}"]
+        parts = [row["method"]] + ([f"{row['dataset']}/{row['scenario']}"] if several else [])
         parts += [str(row[k]) for k in ("setting", "sweep") if k in keys and row.get(k)]
-        labelled.append(row | {"label": "\n".join([*parts, f"n={row['runs']}"])})
+        labelled.append(row | {"label": " · ".join([*parts, f"n={row['runs']}"])})
     return labelled
+
+
+def _mean_std(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean and sample std over runs of equally long series (None for one run: no band)."""
+    stacked = np.vstack(series)
+    return stacked.mean(axis=0), (stacked.std(axis=0, ddof=1) if len(series) > 1 else None)
+
+
+def _seen_average(matrix: list[list[float]]) -> np.ndarray:
+    """Percent accuracy over the tasks seen so far after each task: the mean of row i over columns 0..i."""
+    return np.array([100 * float(np.mean(row[: i + 1])) for i, row in enumerate(matrix)])
+
+
+def _anytime_average(res: dict[str, Any]) -> tuple[list[int], np.ndarray]:
+    """A run's anytime curve: at each periodic evaluation, the percent accuracy over the tasks started by then."""
+    steps, matrix, starts = res["anytime"]["step"], res["anytime"]["acc_matrix"], res.get("task_start_step") or []
+    values = []
+    for step, row in zip(steps, matrix, strict=True):
+        started = [j for j, start in enumerate(starts) if start is not None and start <= step] or [0]
+        values.append(100 * float(np.mean([row[j] for j in started])))
+    return list(steps), np.array(values)
+
+
+def _group_figures(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> list[str]:
+    """Accuracy over tasks (and anytime accuracy, when the runs have it) per group, one axes per sweep x dataset x
+    scenario, mean over seeds with a ± std band. Returns the report's lines for them."""
+    by_dir = {str(run.path.resolve()): run for run in runs}
+    several_sweeps = len({r.get("sweep", ".") for r in rows}) > 1
+    sets: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in _bar_labels(rows):
+        sets.setdefault((row.get("sweep", "."), row["dataset"], row["scenario"]), []).append(row)
+    lines: list[str] = []
+    for n, ((sweep, dataset, scenario), members) in enumerate(sets.items(), start=1):
+        title = f"{dataset}, {scenario}" + (f" ({sweep})" if several_sweeps else "")
+        over_tasks, anytime = [], []
+        for row in members:
+            group = [by_dir[d] for d in (str(Path(d).resolve()) for d in row.get("run_dirs", [])) if d in by_dir]
+            if not group:
+                continue
+            mean, std = _mean_std([_seen_average(run.results["acc_matrix"]) for run in group])
+            over_tasks.append({"label": row["label"], "x": np.arange(len(mean)), "mean": mean, "std": std})
+            curves = [_anytime_average(run.results) for run in group if run.results.get("anytime")]
+            if curves and len(curves) == len(group) and all(c[0] == curves[0][0] for c in curves):
+                mean, std = _mean_std([c[1] for c in curves])
+                anytime.append({"label": row["label"], "x": curves[0][0], "mean": mean, "std": std})
+        if not over_tasks:
+            continue
+        n_tasks = max(len(c["x"]) for c in over_tasks)
+        name = f"accuracy_over_tasks_{n}.png"
+        fig = group_curves(
+            over_tasks, "after training task i", "accuracy on the tasks seen so far (%)", title, list(range(n_tasks))
+        )
+        _save(fig, out / name)
+        lines += [f"Accuracy on the tasks seen so far, {title} (mean over seeds, band ± std):", "", f"![]({name})", ""]
+        if anytime:
+            name = f"anytime_{n}.png"
+            fig = group_curves(anytime, "optimizer step", "accuracy on the tasks started so far (%)", title)
+            _save(fig, out / name)
+            lines += [f"Anytime accuracy during training, {title} (mean over seeds, band ± std):", ""]
+            lines += [f"![]({name})", ""]
+    return lines
 
 
 def _overrides(run_dir: Path) -> list[str]:
@@ -280,6 +373,20 @@ def _overrides(run_dir: Path) -> list[str]:
         return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
     except Exception:  # noqa: BLE001 - a damaged file only loses this line of the report
         return []
+
+
+def _cost_line(cost: dict[str, Any]) -> str:
+    """One line of a run's ``cost``: FLOPs (an estimate), the bytes of the network and of each method's state."""
+    parts = []
+    if cost.get("train_flops") is not None:
+        flops = float(cost["train_flops"])
+        parts.append(f"training ≈ {flops:.3g} FLOPs (estimate: the network's own forward and backward passes)")
+    if cost.get("model_bytes") is not None:
+        parts.append(f"network {cost['model_bytes'] / 1e6:.3g} MB")
+    parts += [f"{name} state {n / 1e6:.3g} MB" for name, n in (cost.get("method_state_bytes") or {}).items()]
+    if cost.get("peak_memory_bytes") is not None:
+        parts.append(f"peak {cost.get('peak_memory_device', 'device')} memory {cost['peak_memory_bytes'] / 1e6:.3g} MB")
+    return "Cost: " + ", ".join(parts) + "."
 
 
 def _run_section(run: Run) -> list[str]:
@@ -303,6 +410,8 @@ def _run_section(run: Run) -> list[str]:
         lines += [f"Metrics in percent{scope}: {metrics}.", ""]
     if res.get("train_seconds") is not None:
         lines += [f"Train {float(res['train_seconds']):.1f} s, eval {float(res.get('eval_seconds', 0)):.1f} s.", ""]
+    if res.get("cost"):
+        lines += [_cost_line(res["cost"]), ""]
     if res.get("tasks"):
         lines += ["Tasks: " + "; ".join(f"T{j}: {d}" for j, d in enumerate(res["tasks"])) + ".", ""]
     if not res["acc_matrix"]:
@@ -382,11 +491,38 @@ def write_report(path: Path, out: Path | None = None) -> Path:
         *_comparison_table(rows),
         "",
     ]
+    if complete:
+        reference = _references(rows)
+        lines += [
+            "### Statistics over seeds",
+            "",
+            "Per metric: the complete runs `n`, their mean and sample std, and the 95% Student-t confidence interval "
+            "of the mean over seeds (n=1: one run, no spread)"
+            + (
+                f"; vs {reference}: the mean difference from the reference method (`summary.reference`) over the seeds "
+                "both have, with the p-value of a paired t-test across seeds."
+                if reference
+                else "."
+            ),
+            "",
+            *statistics_table(complete, _group_columns(complete), reference),
+            "",
+        ]
     lines += [f"Not summarised: {line}" for line in comparison.skipped] + ([""] if comparison.skipped else [])
     if complete:
-        title = "mean ± std over seeds (complete runs)"
+        title = "mean ± std over seeds, in percent (complete runs; n=1: no error bar)"
         _save(comparison_bars(_bar_labels(complete), COMPARED, title), out / "comparison.png")
         lines += ["![method comparison](comparison.png)", ""]
+        lines += _group_figures(complete, runs, out)
+    if comparison.duplicates:
+        lines += [
+            "## Duplicate runs",
+            "",
+            "A seed repeated with the same settings is not a new sample: pooled once (the first run), the repeats "
+            "enter no mean, std or figure of the comparison.",
+            "",
+        ]
+        lines += [f"- `{job}`: same seed and settings as `{first}`" for job, first in comparison.duplicates] + [""]
     if comparison.failed:
         lines += ["## Failed jobs", ""] + [f"- `{job}`: {error}" for job, error in comparison.failed] + [""]
     if diverged:

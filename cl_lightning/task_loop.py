@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cl_lightning.callbacks.periodic_eval import PeriodicEvaluation
 from cl_lightning.callbacks.stream import StreamBoundaries
 from cl_lightning.contract import CLMethod
+from cl_lightning.cost import CostMeter, train_step_flops
 from cl_lightning.data.datamodule import TaskSequenceDataModule
 from cl_lightning.errors import DivergenceError
 from cl_lightning.loggers import SequenceTensorBoardLogger
@@ -71,6 +72,7 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
             task_descriptions=[t.description for t in dm.tasks],
         )  # fmt: skip
         results["world_size"] = trainer.world_size
+        results["cost"] = meter.results(module.net, methods, trainer.strategy.root_device)
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, PeriodicEvaluation):
                 results |= callback.results()
@@ -87,13 +89,18 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
         eval_s += time.perf_counter() - start
 
     first = 0
+    meter = CostMeter()
     if resume_state is not None:
         first = restore(resume_state, trainer, module, dm)
         saved = resume_state["cl_lightning"]
         train_s, eval_s = float(saved["train_seconds"]), float(saved["eval_seconds"])
+        # a checkpoint older than `cost`: the earlier tasks' shares are unknown, the next one's starts from here
+        since = {"train_seconds": train_s, "eval_seconds": eval_s, "step": int(resume_state.get("global_step", 0))}
+        meter = CostMeter(saved.get("cost") or {"totals": since})
         log.info("resuming %s at task %d/%d", run_dir, first + 1, dm.n_tasks)
     else:
         evaluate(-1)  # the randomly initialised model: forward transfer's baseline
+    module.run_info["cost"] = meter.state()
     last = dm.n_tasks if cfg.get("max_tasks") is None else min(dm.n_tasks, first + int(cfg.max_tasks))
     results: dict[str, Any] = {}
 
@@ -103,6 +110,10 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
         nonlocal results, train_s, eval_s
         if timings is not None:
             train_s, eval_s = timings
+        # counted on a copy of the network, once per task (a network may grow with the tasks), never per step
+        flops = train_step_flops(module.net, dm.input_shape, dm.batch_size, task)
+        meter.task_done(task, train_s, eval_s, trainer.global_step, flops, trainer.world_size)
+        module.run_info["cost"] = meter.state()
         results = results_after(task + 1)
         if cfg.get("save_checkpoints", True):
             module.run_info |= {"train_seconds": train_s, "eval_seconds": eval_s}

@@ -15,7 +15,7 @@ PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"
 CIFAR = {"der_split_cifar10"}
 MNIST = [p for p in PRESETS if p not in CIFAR]
 # Mammoth's MNISTMLP (Buzzega et al. 2020): Glorot-uniform weights, zero biases; the others keep PyTorch's init
-XAVIER = {"der_split_mnist", "der_permuted_mnist", "der_rotated_mnist"}
+XAVIER = {"der_split_mnist", "der_split_fmnist", "der_permuted_mnist", "der_rotated_mnist"}
 
 
 def build(make_cfg, preset: str, *overrides: str) -> tuple[nn.Module, list[int]]:
@@ -36,8 +36,8 @@ def build(make_cfg, preset: str, *overrides: str) -> tuple[nn.Module, list[int]]
 
 def test_every_preset_is_tested() -> None:
     assert set(PRESETS) == {
-        "agem_permuted_mnist", "der_permuted_mnist", "der_rotated_mnist", "der_split_cifar10", "der_split_mnist",
-        "gdumb_split_mnist", "online_split_mnist", "vdv_split_mnist",
+        "agem_permuted_mnist", "der_permuted_mnist", "der_rotated_mnist", "der_split_cifar10", "der_split_fmnist",
+        "der_split_mnist", "gdumb_split_mnist", "online_split_mnist", "vdv_split_mnist",
     }  # fmt: skip
 
 

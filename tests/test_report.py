@@ -88,13 +88,17 @@ def test_report_on_a_trained_run(make_cfg, capsys: pytest.CaptureFixture[str]) -
     last_row = " | ".join(f"{100 * v:.2f}" for v in results["acc_matrix"][-1])
     assert f"| 4 | {last_row} |" in text
     assert "| naive | blobs | class_il | 1 | 0 |" in text, "the comparison table"
+    assert "| train FLOPs (est.) | model + state MB |" in text, "the cost beside the accuracy"
+    cost = results["cost"]
+    assert f"Cost: training ≈ {cost['train_flops']:.3g} FLOPs (estimate" in text
+    assert f"network {cost['model_bytes'] / 1e6:.3g} MB, naive state 0 MB." in text
     (run_plots,) = (out / "runs").iterdir()
     for kind in ("acc_matrix", "acc_curves", "task_il_acc_matrix"):
         assert_png(run_plots / f"{kind}.png")
         assert f"runs/{run_plots.name}/{kind}.png" in text
     assert_png(out / "comparison.png")
     assert sorted(p.name for p in out.rglob("*.png")) == [
-        "acc_curves.png", "acc_matrix.png", "comparison.png", "task_il_acc_matrix.png",
+        "acc_curves.png", "acc_matrix.png", "accuracy_over_tasks_1.png", "comparison.png", "task_il_acc_matrix.png",
     ]  # fmt: skip
 
 
@@ -265,3 +269,107 @@ def test_the_anytime_curve_is_plotted(make_cfg) -> None:
     assert_png(run_plots / "anytime.png")
     assert f"anytime accuracy {100 * results['avg_anytime_acc']:.2f}%" in text
     assert f"runs/{run_plots.name}/anytime.png" in text
+
+
+def test_the_report_shows_the_intervals_and_the_paired_test(sweep: Path) -> None:
+    for path in sweep.glob("*/results.json"):  # the runs were started with summary.reference=naive
+        results = json.loads(path.read_text())
+        results["config"]["summary"] = {"reference": "naive"}
+        path.write_text(json.dumps(results))
+    (joint,) = [r for r in summarize_runs(sweep, reference="naive") if r["method"] == "joint"]
+    text = write_report(sweep).read_text()
+    assert "| avg_acc 95% CI | avg_acc vs naive |" in text
+    low, high = 100 * joint["avg_acc_ci95_low"], 100 * joint["avg_acc_ci95_high"]
+    assert f"[{low:.2f}, {high:.2f}]" in text
+    assert "### Statistics over seeds" in text and "| joint | blobs | class_il | forgetting | 2 |" in text
+    assert "2 pairs" in text and "| reference |" in text
+
+
+def test_a_lone_run_says_n_1(tmp_path: Path) -> None:
+    job = fake_run(tmp_path, "run", "naive", 0, [[0.9, 0.1, 0.0], [0.2, 0.95, 0.0], [0.1, 0.2, 0.97]])
+    text = write_report(job).read_text()
+    assert "± 0.00" not in text and "(n=1)" in text and "| n=1 |" in text
+
+
+def _assert_text_does_not_overlap(fig, name: str) -> None:
+    """Every drawn, non-empty text of ``fig`` lies inside the figure and overlaps no other one (0.5 px slack)."""
+    from itertools import combinations
+
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    undrawn = set()  # tick labels outside the axes' view limits exist but are not drawn
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+                    undrawn |= {id(tick.label1), id(tick.label2)}
+    boxes = []
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text().strip() and id(text) not in undrawn:
+            box = text.get_window_extent(renderer)
+            if box.width > 0 and box.height > 0:
+                boxes.append((text.get_text(), box.expanded(1, 1).padded(-0.5)))
+    frame = fig.bbox.padded(1)
+    for text, box in boxes:
+        assert frame.containsx(box.x0) and frame.containsx(box.x1), f"{name}: {text!r} leaves the figure"
+        assert frame.containsy(box.y0) and frame.containsy(box.y1), f"{name}: {text!r} leaves the figure"
+    for (a, box_a), (b, box_b) in combinations(boxes, 2):
+        assert not box_a.overlaps(box_b), f"{name}: {a!r} overlaps {b!r}"
+
+
+@pytest.fixture
+def sweep_of_20(tmp_path: Path) -> Path:
+    """5 methods x 2 learning rates x 2 seeds: 20 runs, 10 groups, 5 tasks, anytime curves."""
+    root = tmp_path / "sweep20"
+    rng = np.random.default_rng(0)
+    job = 0
+    for method in ("naive", "joint", "experience_replay", "ewc", "online_ewc"):
+        for lr in ("0.1", "0.01"):
+            for seed in (0, 1):
+                matrix = np.tril(rng.uniform(0.3, 1.0, (5, 5))).tolist()
+                path = fake_run(root, f"{job}_{method}", method, seed, matrix, n_tasks=5,
+                                overrides=[f"method={method}", f"optimizer.lr={lr}", f"seed={seed}"])  # fmt: skip
+                results = json.loads((path / "results.json").read_text())
+                steps = list(range(10, 260, 10))
+                results["anytime"] = {"step": steps, "acc_matrix": rng.uniform(0, 1, (len(steps), 5)).tolist()}
+                results["task_start_step"] = [0, 50, 100, 150, 200]
+                results["avg_anytime_acc"] = 0.5
+                write_json_atomic(path / "results.json", results)
+                job += 1
+    return root
+
+
+def test_over_20_runs_no_text_overlaps_and_units_are_percent(
+    sweep_of_20: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn: dict[str, object] = {}
+    real_save = report_module._save
+
+    def save(fig, path: Path) -> None:  # the comparison's figures and one run's own are written and checked
+        if "runs" not in path.parts or path.parent.name == "0_naive":
+            drawn[str(path)] = fig
+            real_save(fig, path)
+
+    monkeypatch.setattr(report_module, "_save", save)
+    report = write_report(sweep_of_20)
+    text = report.read_text()
+    out = report.parent
+    for name in ("comparison.png", "accuracy_over_tasks_1.png", "anytime_1.png"):
+        assert_png(out / name)
+        assert f"]({name})" in text
+    for path, fig in drawn.items():
+        _assert_text_does_not_overlap(fig, Path(path).name)
+        labels = [ax.get_ylabel() + ax.get_xlabel() for ax in fig.axes]
+        assert not any("accuracy" in label and "%" not in label for label in labels), (path, labels)
+    over_tasks = drawn[str(out / "accuracy_over_tasks_1.png")]
+    (ax,) = over_tasks.axes
+    assert len(ax.get_lines()) == 10, "one curve per method x setting"
+    assert ax.get_ylim()[1] > 50, "percent, not fractions"
+    assert len(ax.collections) == 10, "a band over the seeds of each"
+    assert_png(out / "runs" / "0_naive" / "acc_matrix.png")
+    heatmap = drawn[str(out / "runs" / "0_naive" / "acc_matrix.png")]
+    assert heatmap.axes[1].get_ylabel() == "accuracy (%)" and heatmap.axes[0].images[0].get_clim() == (0, 100)
+    assert "| optimizer.lr=0.1 |" in text and "None" not in text

@@ -305,6 +305,7 @@ class Buffer:
         task_id: int,
         features: Tensor | None = None,
         quota: int | None = None,
+        logits: Tensor | None = None,
     ) -> None:
         """Select from one finished task's samples (``herding``, ``kcenter`` or ``random`` buffers).
 
@@ -318,6 +319,8 @@ class Buffer:
             task_id: The task.
             features: ``[N, D]`` feature vectors (``herding`` and ``kcenter``).
             quota: Samples per group; ``None`` rebalances the whole buffer.
+            logits: Optional ``[N, n_outputs]`` to store with the chosen samples (X-DER's targets). Stored logits
+                of the samples kept move with them; chosen samples without given logits get zeros.
         """
         if self.selection not in TASK_END_SELECTIONS:
             raise RuntimeError(f"a {self.selection} buffer is filled every step with add(), not add_task()")
@@ -326,6 +329,8 @@ class Buffer:
         if len(y) == 0:
             return
         self._allocate(x, self.size)
+        if logits is not None:
+            self._allocate_logits(logits)
         assert self.y is not None and self.task_id is not None and self.group is not None and self.rank is not None
         dev = x.device
         y = y.to(dev)
@@ -341,16 +346,24 @@ class Buffer:
         keep = torch.nonzero(self.rank[: self.size] < per_group).view(-1)
         parts_x, parts_y, parts_t = [self.x.index_select(0, keep)], [self.y[keep]], [self.task_id[keep]]
         parts_g, parts_r = [self.group[keep]], [self.rank[keep]]
+        parts_l = None if self.logits is None else [self.logits.index_select(0, keep)]
         for offset, idx in enumerate(members):
             order = self._priority(idx, features, per_group)
             chosen = idx[order]
+            if parts_l is not None:
+                parts_l.append(
+                    torch.zeros(len(chosen), *parts_l[0].shape[1:], device=dev)
+                    if logits is None
+                    else logits.index_select(0, chosen).to(device=dev, dtype=torch.float32)
+                )
             parts_x.append(x.index_select(0, chosen))
             parts_y.append(y[chosen])
             parts_t.append(torch.full((len(chosen),), task_id, dtype=torch.long, device=dev))
             parts_g.append(torch.full((len(chosen),), self.n_groups + offset, dtype=torch.long, device=dev))
             parts_r.append(torch.arange(len(chosen), device=dev))
         self._allocate(x, sum(len(p) for p in parts_y))
-        self._write_range(0, torch.cat(parts_x), torch.cat(parts_y), torch.cat(parts_t), None)
+        stored_logits = None if parts_l is None else torch.cat(parts_l)
+        self._write_range(0, torch.cat(parts_x), torch.cat(parts_y), torch.cat(parts_t), stored_logits)
         self.size = sum(len(p) for p in parts_y)
         self.group[: self.size] = torch.cat(parts_g)
         self.rank[: self.size] = torch.cat(parts_r)

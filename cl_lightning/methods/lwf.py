@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
@@ -11,6 +10,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from cl_lightning.core.distill import distillation_loss, output_groups, padded_distillation_loss
+from cl_lightning.core.teacher import Teacher
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.validation import check_choice, check_number
@@ -91,37 +91,30 @@ class LwF(CLMethod):
             self.alpha = check_number("method.alpha", alpha)
         self.temperature = check_number("method.temperature", temperature, strict=True)
         self.class_il_outputs = check_choice("method.class_il_outputs", class_il_outputs, ("old", "seen"))
-        self.teacher: nn.Module | None = None
-        self.teacher_task = -1  # the task at whose end the teacher was copied
-        self._loaded: dict[str, Tensor] | None = None
+        self.old = Teacher()  # the network copied at the last task end
         self._groups: Tensor | list[Tensor] | None = None  # of the current task, set at its start
         self._weight = 0.0  # alpha for the current task
         self._padded: tuple[Tensor, Tensor] | None = None
 
-    @staticmethod
-    def _freeze(net: nn.Module) -> nn.Module:
-        net.eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
-        return net
-
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._loaded is not None:
-            teacher = copy.deepcopy(pl_module.net)  # type: ignore[arg-type]
-            teacher.load_state_dict(self._loaded)
-            self.teacher, self._loaded = self._freeze(teacher), None
-        elif self.teacher is not None:
-            self.teacher.to(pl_module.device)
+        self.old.attach(pl_module.net)  # type: ignore[arg-type]
         # here rather than only at the task start: a run resumed mid-task gets no task start
         self._prepare_task(pl_module)  # type: ignore[arg-type]
 
     @override
     def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        if task_id <= self.teacher_task:
-            return
-        self.teacher = self._freeze(copy.deepcopy(pl_module.net))
-        self.teacher_task = task_id
+        self.old.take(pl_module.net, task_id)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen network of the previous task (``None`` before the first task end)."""
+        return self.old.net
+
+    @property
+    def teacher_task(self) -> int:
+        """The task at whose end :attr:`teacher` was copied (``-1``: none)."""
+        return self.old.task
 
     @staticmethod
     def groups(pl_module: CLModule) -> Tensor | list[Tensor]:
@@ -159,12 +152,8 @@ class LwF(CLMethod):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        teacher = self.teacher.state_dict() if self.teacher is not None else self._loaded
-        return {"teacher": {k: v.detach().cpu() for k, v in (teacher or {}).items()}, "teacher_task": self.teacher_task}
+        return self.old.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.teacher_task = int(state_dict.get("teacher_task", -1))
-        loaded = state_dict.get("teacher") or None
-        self._loaded = dict(loaded) if loaded else None
-        self.teacher = None
+        self.old.load_state_dict(state_dict)

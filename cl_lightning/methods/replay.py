@@ -44,6 +44,7 @@ returns no loss term and draws in ``on_before_optimizer_step``.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as pl
@@ -65,9 +66,12 @@ __all__ = [
     "ProjectionRate",
     "ReplayMethod",
     "check_buffer_fits",
+    "check_own_classes",
     "fill_from_task",
     "gather",
     "per_task_quota",
+    "proportional_replay",
+    "seen_task_accuracies",
     "stream_task_ids",
     "task_features",
 ]
@@ -229,6 +233,62 @@ def task_features(pl_module: CLModule, x: Tensor, chunk: int = 1024) -> Tensor:
         return torch.cat([net.features(pl_module.prepare(part, train=False)) for part in x.split(chunk)])
     finally:
         net.train(was_training)
+
+
+def proportional_replay(fixed: int | None, batch_size: int, buffer: Buffer, task_samples: int) -> int:
+    """Exemplars to add to a batch of ``batch_size`` new samples so that training approximates mini-batches of the
+    union of the task's ``task_samples`` training samples and the buffer (iCaRL's and LUCIR's training set):
+    ``round(batch_size * len(buffer) / task_samples)``, so that an epoch over the new data also sees each stored
+    sample once in expectation, and at least 1 while the buffer holds samples (with small batches the proportion
+    rounds to 0: set ``method.replay_batch_size`` for such protocols); ``fixed`` (a ``method.replay_batch_size``
+    given) instead when not ``None``.
+    """
+    if fixed is not None:
+        return fixed
+    if len(buffer) == 0:
+        return 0
+    return max(1, round(batch_size * len(buffer) / max(1, task_samples)))
+
+
+def check_own_classes(pl_module: CLModule, name: str) -> None:
+    """Refuse task sequences whose tasks share outputs (domain-IL) for a method whose targets treat the current
+    task's classes as new and the earlier tasks' as old (iCaRL, LUCIR)."""
+    if bool((pl_module.output_masks.sum(0) > 1).any()):
+        raise ConfigError(
+            f"method={name} needs tasks with classes of their own (its losses treat the current task's classes as new "
+            "and the earlier tasks' as old), but these tasks share outputs; use dataset.scenario=class_il"
+        )
+
+
+@torch.no_grad()
+def seen_task_accuracies(
+    pl_module: CLModule, scores: Callable[[Tensor, int], Tensor], chunk: int = 1024
+) -> list[float]:
+    """Accuracy (a fraction, 6 decimals) of a classifier of the method's own on each task seen so far, over the
+    run's evaluation split, in evaluation mode: a second classifier's figures for :meth:`CLMethod.diagnostics`
+    (e.g. iCaRL's head beside its nearest-mean classifier).
+
+    ``scores(inputs, task)`` maps network inputs of ``task`` (un-augmented) to scores whose argmax is the
+    prediction. Every process evaluates the whole split (the same figures on every rank).
+    """
+    dm = pl_module.trainer.datamodule  # type: ignore[attr-defined]
+    net = pl_module.net
+    was_training = net.training
+    net.eval()
+    accs = []
+    try:
+        for j in range(int(pl_module.current_task) + 1):
+            task = dm.tasks[j]
+            x, y = (task.val_x, task.val_y) if dm.eval_split == "val" else (task.test_x, task.test_y)
+            correct = 0
+            for part_x, part_y in zip(x.split(chunk), y.split(chunk), strict=True):
+                with pl_module.task_view(j):
+                    pred = scores(pl_module.prepare(part_x.to(pl_module.device)), j).argmax(1)
+                correct += int((pred == part_y.to(pred.device)).sum())
+            accs.append(round(correct / max(1, len(y)), 6))
+    finally:
+        net.train(was_training)
+    return accs
 
 
 _CHECKED: weakref.WeakSet[Buffer] = weakref.WeakSet()  # buffers already compared with their run's data

@@ -4,7 +4,8 @@ Every backbone shares one contract, which the training module and the replay met
 
 - ``features(x) -> Tensor[B, feature_dim]``: the penultimate representation (herding, k-center, distillation);
 - ``head``: one ``nn.Linear(feature_dim, n_outputs)`` over *all* outputs (task-incremental multi-head training
-  masks the logits outside the model, so the backbone never knows about tasks);
+  masks the logits outside the model, so the backbone never knows about tasks), or with ``head=cosine`` (MLP and
+  CNN) a :class:`CosineLinear` over them;
 - ``feature_dim``: the width of ``features``;
 - ``forward(x) = head(features(x))`` on float input ``x`` of shape ``[B, C, H, W]``.
 
@@ -14,17 +15,59 @@ registry, so there is deliberately no ``build_backbone`` factory here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock", "routes_by_task", "net_logits"]
+__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock", "CosineLinear", "routes_by_task", "net_logits"]
+
+HEADS = ("linear", "cosine")
 
 
 def routes_by_task(net: nn.Module) -> bool:
     """Whether ``net`` picks its computation by task (``net.task_conditioned``, e.g. a progressive network)."""
     return bool(getattr(net, "task_conditioned", False))
+
+
+class CosineLinear(nn.Module):
+    """Cosine-normalised classifier (Hou et al., "Learning a Unified Classifier Incrementally via Rebalancing",
+    CVPR 2019, eq. 4): ``logits_c = sigma * <w_c / ||w_c||, f / ||f||>`` with a learnable scale ``sigma``.
+
+    Every class's logit is a cosine scaled alike, so the new classes' larger weight norms cannot bias the
+    prediction toward them. Initialised as LUCIR's code does: ``w ~ U(-1/sqrt(in), 1/sqrt(in))``, ``sigma = 1``.
+
+    Example:
+        >>> head = CosineLinear(3, 2)
+        >>> bool((head(torch.randn(4, 3)).abs() <= head.sigma + 1e-6).all())
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.sigma = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """LUCIR's initialisation (see the class docstring)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.ones_(self.sigma)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``[B, out_features]`` scaled cosines of ``features`` ``[B, in_features]`` with each class's weights."""
+        return self.sigma * F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1))
+
+
+def make_head(head: str, in_features: int, n_outputs: int, bias: bool = True) -> nn.Module:
+    """The classifier over the features: ``linear`` (``nn.Linear``) or ``cosine`` (:class:`CosineLinear`)."""
+    if head not in HEADS:
+        raise ValueError(f"model.head: must be one of {', '.join(HEADS)}, got {head!r}")
+    return nn.Linear(in_features, n_outputs, bias=bias) if head == "linear" else CosineLinear(in_features, n_outputs)
 
 
 def net_logits(net: nn.Module, x: Tensor, task_id: Tensor | int | None) -> Tensor:
@@ -102,6 +145,8 @@ class MLP(nn.Module):
             (Prabhu et al. 2020).
         batch_norm_logits: also ``logits = BN(W h_L)`` (the head without a bias, then a batch norm over the
             outputs), as GDumb's last block does; ``head`` stays the linear layer, the norm is ``head_norm``.
+        head: ``linear`` or ``cosine`` (:class:`CosineLinear`, LUCIR's classifier); with ``cosine`` the last
+            hidden layer has no ReLU, so that features may be negative (LUCIR removes the last ReLU likewise).
 
     Raises:
         ValueError: if a width is not a positive integer, ``n_outputs < 1``, ``dropout`` is outside ``[0, 1)`` or
@@ -122,9 +167,12 @@ class MLP(nn.Module):
         init: str = "default",
         batch_norm: bool = False,
         batch_norm_logits: bool = False,
+        head: str = "linear",
     ) -> None:
         super().__init__()
         _check_init(init)
+        if head == "cosine" and batch_norm_logits:
+            raise ValueError("model.head=cosine normalises the logits itself: it cannot take model.batch_norm_logits")
         for key, flag in (("batch_norm", batch_norm), ("batch_norm_logits", batch_norm_logits)):
             if not isinstance(flag, bool):
                 raise ValueError(f"model.{key}: must be true or false, got {flag!r}")
@@ -136,8 +184,10 @@ class MLP(nn.Module):
 
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = c * h * w
-        for width in widths:
-            if batch_norm:
+        for i, width in enumerate(widths):
+            if head == "cosine" and i == len(widths) - 1:  # LUCIR: the features of a cosine head may be negative
+                layers.append(nn.Linear(in_features, width))
+            elif batch_norm:
                 layers += [nn.Linear(in_features, width, bias=False), nn.BatchNorm1d(width, eps=1e-6), nn.ReLU()]
             else:
                 layers += [nn.Linear(in_features, width), nn.ReLU()]
@@ -146,7 +196,7 @@ class MLP(nn.Module):
             in_features = width
         self.body = nn.Sequential(*layers)
         self.feature_dim: int = in_features
-        self.head = nn.Linear(self.feature_dim, n_outputs, bias=not batch_norm_logits)
+        self.head = make_head(head, self.feature_dim, n_outputs, bias=not batch_norm_logits)
         self.head_norm = nn.BatchNorm1d(n_outputs, eps=1e-6) if batch_norm_logits else None
         init_linears(self, init)
 
@@ -178,6 +228,8 @@ class SmallCNN(nn.Module):
         channels: output channels of each conv stage, in order; at least one stage.
         hidden: width of the fully connected feature layer (``feature_dim``).
         batch_norm: add ``BatchNorm2d`` after every convolution.
+        head: ``linear`` or ``cosine`` (:class:`CosineLinear`, LUCIR's classifier; the feature layer then has no
+            ReLU, as LUCIR removes the last one).
 
     Raises:
         ValueError: if a channel width or ``hidden`` is not a positive integer, or ``n_outputs < 1``.
@@ -195,6 +247,7 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 256,
         batch_norm: bool = False,
+        head: str = "linear",
     ) -> None:
         super().__init__()
         c, h, w = _check_input_shape(input_shape)
@@ -216,9 +269,10 @@ class SmallCNN(nn.Module):
                 h, w = h // 2, w // 2
             in_ch = out_ch
         self.conv = nn.Sequential(*layers)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(in_ch * h * w, hidden), nn.ReLU())
+        fc: list[nn.Module] = [nn.Flatten(), nn.Linear(in_ch * h * w, hidden)]
+        self.fc = nn.Sequential(*fc, nn.ReLU()) if head != "cosine" else nn.Sequential(*fc)
         self.feature_dim: int = hidden
-        self.head = nn.Linear(hidden, n_outputs)
+        self.head = make_head(head, hidden, n_outputs)
 
     def features(self, x: Tensor) -> Tensor:
         """Return the fully connected feature layer, ``[B, feature_dim]``."""

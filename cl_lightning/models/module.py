@@ -102,6 +102,7 @@ class CLModule(pl.LightningModule):
         self._methods: list[CLMethod] = []
         self._replaces_task_loss = False
         self._auxiliary: list[CLMethod] = []  # methods that train a model of their own each step
+        self._scorer: CLMethod | None = None  # the method whose classifier evaluation predicts from, if any
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
         # set by a resume when the optimizer is kept across tasks; loaded into the optimizer when it is built
         self.pending_optimizer_state: dict[str, Any] | None = None
@@ -172,6 +173,7 @@ class CLModule(pl.LightningModule):
         self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
         self._replaces_task_loss = any(m.replaces_task_loss() for m in self._methods)
         self._auxiliary = [m for m in self._methods if type(m).auxiliary_step is not CLMethod.auxiliary_step]
+        self._scorer = next((m for m in self._methods if type(m).eval_scores is not CLMethod.eval_scores), None)
 
     @override
     def on_train_start(self) -> None:
@@ -300,10 +302,14 @@ class CLModule(pl.LightningModule):
         """Evaluation logits of stored inputs ``x`` of task ``task_id``: the scenario's prediction logits and the
         logits masked to the task's outputs (task-IL's, and a class-IL run's task-IL view).
 
-        The one evaluation path: task-end tests and periodic evaluation both call it.
+        The one evaluation path: task-end tests and periodic evaluation both call it. A method with a classifier of
+        its own (:meth:`CLMethod.eval_scores`) replaces the logits with its scores here.
         """
         with self.task_view(task_id):
-            logits = self(self.prepare(x), task_id)
+            inputs = self.prepare(x)
+            logits = self(inputs, task_id)
+            if self._scorer is not None:
+                logits = self._scorer.eval_scores(self, inputs, task_id, logits)
         masked = logits.masked_fill(~self.output_masks[task_id], float("-inf"))
         return (masked if self.scenario == "task_il" else logits), masked
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from cl_lightning.models.backbones import MLP, ResNet18Reduced, SmallCNN
+from cl_lightning.models.backbones import MLP, CosineLinear, ResNet18Reduced, SmallCNN
 
 torch.set_num_threads(1)
 
@@ -187,3 +188,22 @@ def test_mlp_batch_norm_is_gdumbs_block() -> None:
     assert plain.head_norm is None and plain.head.bias is not None
     with pytest.raises(ValueError, match="model.batch_norm_logits"):
         MLP((1, 4, 4), 3, batch_norm_logits="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factory", [lambda h: MLP((1, 4, 4), 3, hidden=[8, 6], head=h), lambda h: SmallCNN(
+    (1, 4, 4), 3, channels=[2], hidden=6, head=h)])  # fmt: skip
+def test_cosine_head_is_lucirs_scaled_cosine_over_features_that_may_be_negative(factory) -> None:
+    torch.manual_seed(0)
+    net = factory("cosine")
+    assert isinstance(net.head, CosineLinear) and float(net.head.sigma) == 1.0
+    x = torch.rand(16, 1, 4, 4)
+    feats = net.features(x)
+    assert (feats < 0).any(), "no ReLU after the last hidden layer"
+    expected = F.normalize(feats, dim=1) @ F.normalize(net.head.weight, dim=1).T
+    torch.testing.assert_close(net(x), expected)
+    with torch.no_grad():
+        net.head.weight.mul_(7.0)  # a class's weight norm does not change its logit
+    torch.testing.assert_close(net(x), expected)
+    assert (factory("linear").features(x) >= 0).all(), "the linear head keeps the ReLU"
+    with pytest.raises(ValueError, match="model.head"):
+        factory("cosinus")
