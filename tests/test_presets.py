@@ -84,6 +84,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "gdumb_split_mnist": {
         "dataset.name": "split_mnist", "dataset.n_tasks": 5, "dataset.scenario": "class_il", "model._target_": MLP,
         "model.hidden": [400, 400], "model.batch_norm": True, "epochs_per_task": 1, "batch_size": 128,
+        "dataset.augment": "crop",
     },
     "agem_permuted_mnist": {
         "dataset.name": "permuted_mnist", "dataset.n_tasks": 17, "dataset.max_samples_per_task": 55000,

@@ -50,7 +50,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             0 is a sharp boundary.
         mean: Per-channel mean for normalisation after scaling to [0, 1] (``None``: no normalisation).
         std: Per-channel standard deviation.
-        augment: ``none`` or ``crop_flip`` (random 4-pixel-padded crop and horizontal flip, batched on the device).
+        augment: ``none``, ``crop_flip`` (random 4-pixel-padded crop and horizontal flip, batched on the device) or
+            ``crop`` (the crop alone: torchvision's ``RandomCrop(size, padding=4)``, GDumb's MNIST augmentation).
         cumulative: Train on the union of all tasks seen so far (set by methods such as ``joint``).
         max_samples_per_task: Keep at most this many training samples per task (quick runs, tests).
     """
@@ -97,8 +98,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
             raise ConfigError("dataset.eval_split='val' needs dataset.val_fraction > 0 (e.g. 0.1)")
         if stream not in ("tasks", "online"):
             raise ConfigError(f"dataset.stream={stream!r}: choose 'tasks' or 'online'")
-        if augment not in ("none", "crop_flip"):
-            raise ConfigError(f"dataset.augment={augment!r}: choose 'none' or 'crop_flip'")
+        if augment not in ("none", "crop", "crop_flip"):
+            raise ConfigError(f"dataset.augment={augment!r}: choose 'none', 'crop' or 'crop_flip'")
         if (mean is None) != (std is None):
             raise ConfigError("dataset.mean and dataset.std must be given together (or both null)")
         if std is not None and any(float(s) <= 0 for s in std):
@@ -280,8 +281,8 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         """
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        if train and self.augment == "crop_flip":
-            x = random_crop_flip(x, padding=4)
+        if train and self.augment != "none":
+            x = random_crop_flip(x, padding=4, flip=self.augment == "crop_flip")
         if self.mean is not None and self.std is not None:
             x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x
@@ -296,8 +297,11 @@ class TaskSequenceDataModule(pl.LightningDataModule):
         self.current_task = int(state_dict.get("current_task", self.current_task))
 
 
-def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample random crop (zero padding) and horizontal flip of a batch, in one gather on ``x``'s device.
+def random_crop_flip(
+    x: Tensor, padding: int = 4, generator: torch.Generator | None = None, flip: bool = True
+) -> Tensor:
+    """Per-sample random crop (zero padding) and, with ``flip``, horizontal flip of a batch, in one gather on
+    ``x``'s device.
 
     >>> x = torch.arange(16.0).view(1, 1, 4, 4)
     >>> random_crop_flip(x, padding=0).shape
@@ -310,8 +314,10 @@ def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | N
     ox = torch.randint(0, 2 * padding + 1, (b,), device=dev, generator=generator)
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = ox[:, None] + torch.arange(w, device=dev)
-    flip = torch.rand(b, device=dev, generator=generator) < 0.5
-    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    if flip:
+        flipped = torch.rand(b, device=dev, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]
     samples = torch.arange(b, device=dev)[:, None, None, None]
     channels = torch.arange(c, device=dev)[None, :, None, None]
     return padded[samples, channels, rows, cols]

@@ -40,7 +40,9 @@ class GDumb(ReplayMethod):
 
     Differences from their code, with reasons: they report the best test accuracy over the passes (a choice on the
     test set); here the network after the last pass is evaluated. Their MNIST MLP batch-normalises the logits too;
-    ``model.batch_norm=true`` normalises the hidden layers only. Their runs use half precision on a GPU. The
+    ``model.batch_norm=true`` normalises the hidden layers only. Their runs use half precision on a GPU. Their
+    MNIST training images are randomly cropped (4-pixel padding); the preset sets ``dataset.augment=crop``, and
+    each pass draws new crops of the memory (``prepare(x, train=True)``). The
     re-initialisation is PyTorch's (every submodule's ``reset_parameters``), from ``seed`` and the task.
 
     Needs task boundaries: the from-scratch training happens at each task end (on an online stream no evaluation

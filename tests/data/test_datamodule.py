@@ -387,6 +387,22 @@ def test_crop_flip_outputs_are_padded_crops_possibly_flipped() -> None:
     assert hit == set(range(len(candidates)))
 
 
+def test_crop_alone_draws_every_padded_crop_and_never_a_mirror() -> None:
+    """``dataset.augment=crop`` (GDumb's MNIST augmentation: torchvision's RandomCrop with padding 4, no flip)."""
+    image = torch.stack([torch.arange(1.0, 17.0), torch.arange(101.0, 117.0)]).view(2, 4, 4)
+    candidates = _candidates(image, padding=2)
+    unflipped = len(candidates) // 2
+    out = random_crop_flip(
+        image.expand(1000, 2, 4, 4), padding=2, generator=torch.Generator().manual_seed(0), flip=False
+    )
+    hit = {next(i for i, c in enumerate(candidates) if torch.equal(sample, c)) for sample in out}
+    assert hit == set(range(unflipped)), "every offset, none flipped"
+    dm = make_dm(augment="crop")
+    x = torch.full((2, 1, 4, 4), 255, dtype=torch.uint8)
+    assert torch.equal(dm.preprocess(x, train=False), torch.ones(2, 1, 4, 4)), "evaluation is not augmented"
+    assert (dm.preprocess(x[:1].expand(200, 1, 4, 4), train=True) == 0).any(), "training crops into the padding"
+
+
 def test_crop_flip_without_padding_is_identity_or_mirror() -> None:
     x = torch.rand(64, 1, 3, 3)
     out = random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(0))
