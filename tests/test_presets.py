@@ -211,6 +211,13 @@ ROWS: dict[tuple[str, str], dict[str, Any]] = {
         "optimizer.lr": 0.03, "method.buffer_size": 500, "method.replay_batch_size": 32,
     },
     ("der_split_cifar10", "gem"): {"optimizer.lr": 0.03, "method.buffer_size": 500, "method.memory_strength": 0.5},
+    ("der_split_cifar10", "xder"): {
+        "optimizer.lr": 0.03, "method.buffer_size": 500, "method.replay_batch_size": 32, "method.alpha": 0.3,
+        "method.beta": 0.8,
+    },
+    ("der_split_cifar10", "bic"): {
+        "optimizer.lr": 0.03, "method.buffer_size": 500, "method.val_fraction": 0.1, "method.temperature": 2.0,
+    },
     ("agem_permuted_mnist", "pnn"): {"dataset.scenario": "task_il", "model._target_": PNN_MLP},
     # the MIR paper's code (Scripts/ER_experiments.sh, MNIST Split): 50 memories per class, 10 replayed, 50 candidates
     ("online_split_mnist", "er"): {"method.buffer_size": 500, "method.replay_batch_size": 10},
@@ -382,6 +389,22 @@ def test_a_typed_model_beats_the_datasets(order: str) -> None:
 
 def test_a_method_that_brings_its_network_beats_the_datasets() -> None:
     assert compose_cfg("dataset=split_cifar", "method=pnn").model._target_ == PNN_MLP
+
+
+@pytest.mark.parametrize("method", ["xder", "bic"])
+def test_new_cifar_presets_run_end_to_end_on_real_format_files(tmp_path: Path, monkeypatch, method: str) -> None:
+    """X-DER's and BiC's Seq-CIFAR-10 presets train and evaluate every task on small files of the real format."""
+    from helpers.fake_cifar import write_cifar10
+
+    write_cifar10(tmp_path / "data", monkeypatch, per_class=4)
+    cfg = compose_cfg(
+        "experiment=der_split_cifar10", f"method={method}", f"data_dir={tmp_path / 'data'}", "epochs_per_task=1",
+        "model.nf=4", "method.buffer_size=20", "logger=none", "save_checkpoints=false",
+        "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    results = train(cfg)
+    assert results["complete"] and results["method"] == method and len(results["acc_matrix"]) == 5
+    assert all(math.isfinite(a) for row in results["acc_matrix"] for a in row)
 
 
 def test_der_split_cifar10_runs_end_to_end_on_real_format_files(tmp_path: Path, monkeypatch) -> None:
