@@ -53,7 +53,7 @@ BARS = {"er": 2.2, "der": 2.2, "derpp": 2.2, "agem": 2.5, "gem": 4.0}
 BUFFER_CODE = ("(buffer.py:",)
 
 
-REPLAY = ("er", "der", "derpp", "agem", "gem", "icarl", "xder")
+REPLAY = ("er", "der", "derpp", "agem", "gem", "icarl", "xder", "bic", "lucir")
 
 
 def method_overrides(spec: str, replay_batch_size: int) -> list[str]:
@@ -63,6 +63,8 @@ def method_overrides(spec: str, replay_batch_size: int) -> list[str]:
     if method not in REPLAY:
         return [f"method={method}"]
     overrides = [f"method={method}", "method.buffer_size=500"]
+    if method == "lucir":  # LUCIR's cosine classifier on the benchmark's MLP
+        overrides.append("+model.head=cosine")
     if method != "gem" or replay:  # GEM: each past task's whole memory (the paper) unless gem:n
         overrides.append(f"method.replay_batch_size={replay or replay_batch_size}")
     return overrides

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from cl_lightning.errors import ConfigError
 
-RESOLVERS = ("cl.case", "cl_or")
+RESOLVERS = ("cl.case", "cl_or", "cl_resumed")
 
 
 def case(key: Any, table: Mapping[str, Any]) -> Any:
@@ -43,6 +43,18 @@ def or_default(value: Any, default: Any) -> Any:
     return value if value is not None else default
 
 
+def resumed_or_new(resume: Any, new: Any) -> Any:
+    """The directory ``resume=<run dir>`` names, else ``new`` (for ``resume=null`` and ``resume=auto``, which
+    continues a run only in the directory the run would write to anyway).
+
+    ``hydra.run.dir: ${cl_resumed:${resume},<new directory>}``.
+
+    >>> resumed_or_new("outputs/old", "outputs/new"), resumed_or_new("auto", "outputs/new")
+    ('outputs/old', 'outputs/new')
+    """
+    return new if resume is None or resume == "auto" else resume
+
+
 def register_resolvers() -> None:
     """Register this package's resolvers with OmegaConf (idempotent: a second call changes nothing).
 
@@ -52,3 +64,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("cl.case", case)
     if not OmegaConf.has_resolver("cl_or"):
         OmegaConf.register_new_resolver("cl_or", or_default)
+    if not OmegaConf.has_resolver("cl_resumed"):
+        OmegaConf.register_new_resolver("cl_resumed", resumed_or_new)

@@ -11,6 +11,11 @@ class RunDirectoryError(RuntimeError):
     """The run directory already holds an earlier run's outputs; we never overwrite them."""
 
 
+class OtherRunError(RunDirectoryError):
+    """The run directory belongs to another run: held by a running one, holding an earlier run's results, or (with
+    ``resume=auto``) a run of another configuration. Nothing is written there, in a sweep not even ``failed.json``."""
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or weights: the run stops, and its results are marked as diverged.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cl_lightning.errors import RunDirectoryError
+from cl_lightning.errors import OtherRunError, RunDirectoryError
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -123,7 +123,7 @@ class RunDirectory:
             except BlockingIOError:
                 os.close(fd)
                 self.created_here = False  # another run's directory now: never removed by this one
-                raise RunDirectoryError(
+                raise OtherRunError(
                     f"{path} is in use by another run (it holds the directory's lock); wait for it to finish or "
                     "choose another directory with hydra.run.dir=..."
                 ) from None
@@ -132,7 +132,7 @@ class RunDirectory:
             taken = [p for p in (path / RESULTS_FILE, path / "checkpoints") if p.exists()]
             if taken:
                 self.release()
-                raise RunDirectoryError(
+                raise OtherRunError(
                     f"{path} already holds an earlier run ({taken[0].name}); its outputs are kept: choose another "
                     "directory with hydra.run.dir=... (or paths.output_dir=...)"
                 )

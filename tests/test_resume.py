@@ -3,6 +3,7 @@ uninterrupted run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -74,3 +75,143 @@ def test_an_lr_scheduler_resumes_mid_task_where_it_was(make_cfg) -> None:
 
     expected, got = weights(whole), weights(cut)
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ"
+
+
+# ------------------------------------------------------------------------------------------------- resume=auto
+AUTO = ["epochs_per_task=2", "logger=none"]
+
+
+def _in(cfg, run_dir: Path):
+    """``cfg`` writing into ``run_dir`` (as a fixed ``hydra.run.dir`` or a sweep's job directory would)."""
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def test_auto_without_a_checkpoint_starts_a_fresh_run(make_cfg, tmp_path: Path) -> None:
+    run_dir = tmp_path / "fresh"
+    run = train(_in(make_cfg(*AUTO, "resume=auto"), run_dir))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["complete"] and results["acc_matrix"] == run["acc_matrix"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and "resume" not in results["config"]
+
+
+def test_auto_runs_a_failed_job_again_and_drops_its_failure_record(make_cfg, tmp_path: Path) -> None:
+    run_dir = tmp_path / "failed"
+    run_dir.mkdir()
+    (run_dir / "failed.json").write_text(json.dumps({"error": "RuntimeError: out of memory"}))
+    train(_in(make_cfg(*AUTO, "resume=auto"), run_dir))
+    assert json.loads((run_dir / "results.json").read_text())["complete"]
+    assert not (run_dir / "failed.json").exists(), "the sweep summary would list the job as failed"
+
+
+def test_auto_skips_a_finished_run_leaving_every_file_untouched(make_cfg, tmp_path: Path, caplog) -> None:
+    from helpers.cli import tree_state
+
+    run_dir = tmp_path / "done"
+    first = train(_in(make_cfg(*AUTO), run_dir))
+    assert json.loads((run_dir / "results.json").read_text())["complete"]
+    before = tree_state(run_dir)
+    with caplog.at_level("INFO", logger="cl_lightning"):
+        again = train(_in(make_cfg(*AUTO, "resume=auto"), run_dir))
+    assert tree_state(run_dir) == before, "a finished run's directory is left byte for byte, mtimes included"
+    assert again["acc_matrix"] == first["acc_matrix"] and again["avg_acc"] == first["avg_acc"]
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and str(run_dir) in skipped[0], caplog.text
+
+
+def test_auto_continues_an_interrupted_run_to_the_uninterrupted_matrix(make_cfg, tmp_path: Path) -> None:
+    from helpers.cli import tree_state
+
+    from cl_lightning.errors import RunDirectoryError
+
+    whole = train(make_cfg(*AUTO))
+    run_dir = tmp_path / "cut"
+    # 10 steps per task: step 18 is in the middle of task 2 (index 1); the newest checkpoint is step 16's mid_task.ckpt
+    cut = [*AUTO, "checkpoint_every_n_steps=4", "resume=auto"]
+    with pytest.raises(RunInterrupted):
+        train(_in(make_cfg(*cut, "+callbacks.cut._target_=helpers.kill.InterruptAtStep", "+callbacks.cut.step=18"),
+                  run_dir))  # fmt: skip
+    assert json.loads((run_dir / "results.json").read_text())["tasks_completed"] == 1
+    before = tree_state(run_dir)
+    with pytest.raises(RunDirectoryError, match=r"optimizer\.lr") as refused:
+        train(_in(make_cfg(*cut, "optimizer.lr=0.5"), run_dir))  # the checkpoint's config is not this one
+    assert "\n" not in str(refused.value) and tree_state(run_dir) == before
+    resumed = train(_in(make_cfg(*cut), run_dir))  # the same command, without the interruption
+    assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["complete"]
+
+
+def test_auto_refuses_a_finished_run_of_another_config_naming_the_keys(make_cfg, tmp_path: Path) -> None:
+    from helpers.cli import tree_state
+
+    from cl_lightning.errors import RunDirectoryError
+
+    run_dir = tmp_path / "done"
+    train(_in(make_cfg(*AUTO), run_dir))
+    before = tree_state(run_dir)
+    with pytest.raises(RunDirectoryError) as refused:
+        train(_in(make_cfg(*AUTO, "max_tasks=1", "resume=auto", "optimizer.lr=0.5", "seed=3", "threads=1"), run_dir))
+    message = str(refused.value)
+    assert "\n" not in message and "optimizer.lr" in message and "seed" in message, message
+    assert "threads" not in message and "max_tasks" not in message, "how a run is carried out is no difference"
+    assert tree_state(run_dir) == before
+
+
+@pytest.mark.slow  # command-line subprocesses (CI runs -m slow too)
+def test_a_single_run_with_resume_auto_on_the_command_line(tmp_path: Path) -> None:
+    from helpers.cli import error_lines, run_cli, tree_state
+
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", "resume=auto", *RUN[:4], "logger=none"]
+    first = run_cli(*args, out=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "resume=auto is not a directory"
+    before = tree_state(run_dir)
+    assert ".hydra/config.yaml" in before and "train.log" in before
+    again = run_cli(*args, out=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert tree_state(run_dir) == before, "train.log and .hydra/ included"
+    assert sum("skipped" in line for line in again.stdout.splitlines()) == 1, again.stdout
+    other = run_cli(*args, "optimizer.lr=0.5", out=tmp_path)
+    assert other.returncode == 2, other.stderr[-2000:]
+    (line,) = error_lines(other)
+    assert "optimizer.lr" in line and tree_state(run_dir) == before
+
+
+@pytest.mark.slow  # a sweep in a subprocess, killed, then re-run
+def test_a_sweep_rerun_with_resume_auto_skips_finished_jobs_and_continues_the_killed_one(tmp_path: Path) -> None:
+    from helpers.cli import error_lines, run_cli, tree_state
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1,2", f"hydra.sweep.dir={sweep}", *RUN[:4], "logger=none", "checkpoint_every_n_steps=4",
+            "resume=auto"]  # fmt: skip
+    # jobs run one after another in this process: seeds 0 and 1 finish, seed 2 is killed at step 18 (task 2 of 5)
+    killed = run_cli(*args, "+callbacks.kill._target_=helpers.kill.KillAtStep", "+callbacks.kill.step=18",
+                     "+callbacks.kill.seed=2", out=tmp_path, timeout=600)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1", "2"]
+    finished = {job.name: tree_state(job) for job in jobs[:2]}
+    assert all(json.loads((job / "results.json").read_text())["complete"] for job in jobs[:2])
+    assert json.loads((jobs[2] / "results.json").read_text())["tasks_completed"] == 1
+    killed_hydra = (jobs[2] / ".hydra" / "config.yaml").read_bytes()
+    again = run_cli(*args, out=tmp_path, timeout=600)  # the same command line, without the kill
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {job.name: tree_state(job) for job in jobs[:2]} == finished, "finished jobs are left byte for byte"
+    assert sum("skipped" in line for line in again.stdout.splitlines()) == 2, again.stdout
+    results = json.loads((jobs[2] / "results.json").read_text())
+    assert results["complete"] and results["tasks_completed"] == 5
+    assert (jobs[2] / ".hydra" / "config.yaml").read_bytes() == killed_hydra
+    finished = {job.name: tree_state(job) for job in jobs}
+    other = run_cli(*args, "optimizer.lr=0.5", out=tmp_path, timeout=600)  # not this sweep's command line
+    assert other.returncode == 2, other.stderr[-3000:]
+    (line,) = error_lines(other)
+    assert "optimizer.lr" in line and {job.name: tree_state(job) for job in jobs} == finished, "failed.json neither"
+    assert "resuming" in (jobs[2] / "train.log").read_text()
+    with open(sweep / "summary.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))  # no FAILED or INCOMPLETE rows after it
+    assert row["method"] == "naive" and row["runs"] == "3" and row["avg_acc_n"] == "3", row
+    mean = sum(json.loads((job / "results.json").read_text())["avg_acc"] for job in jobs) / 3
+    assert float(row["avg_acc_mean"]) == pytest.approx(mean), "the skipped jobs' results feed the summary"

@@ -29,3 +29,12 @@ def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` by relative path, with its bytes (to check that nothing was touched)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def tree_state(root: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Every file below ``root`` with its bytes and its modification time (ns), every folder as ``None``: equal
+    states mean nothing was written, rewritten, added or removed there."""
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        for p in sorted(root.rglob("*"))
+    }

@@ -9,13 +9,20 @@ import lightning.pytorch as pl
 
 
 class KillAtStep(pl.Callback):
-    """SIGKILL the process right after optimizer step ``step`` (before that step's checkpoint can be written)."""
+    """SIGKILL the process right after optimizer step ``step`` (before that step's checkpoint can be written).
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    Args:
+        step: The optimizer step (Lightning's global step).
+        seed: Only in the run with this seed (the one ``seed_everything`` set): in a sweep of seeds run one after
+            another in one process, the jobs before it finish and it is killed (``None``: any run).
+    """
+
+    def __init__(self, step: int, seed: int | None = None) -> None:
+        self.step, self.seed = step, seed
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
+        chosen = self.seed is None or os.environ.get("PL_GLOBAL_SEED") == str(self.seed)
+        if trainer.global_step == self.step and chosen:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
