@@ -193,6 +193,16 @@ def build_model(cfg: DictConfig, dm: TaskSequenceDataModule) -> torch.nn.Module:
         raise ConfigError(str(err)) from err
 
 
+def build_loggers(node: Any) -> list[Any] | Any:
+    """The run's loggers: ``logger=<name>`` and ``logger=[a,b]`` give one node per chosen logger under its name
+    (``logger.csv``, ``logger.tensorboard``); a node with a ``_target_`` of its own is one logger; none: ``False``."""
+    if not node:
+        return False
+    if "_target_" in node:
+        return instantiate_node(node, "logger")
+    return [instantiate_node(sub, f"logger.{name}") for name, sub in node.items() if sub] or False
+
+
 def build_run(
     cfg: DictConfig, run_dir: Path
 ) -> tuple[CLModule, TaskSequenceDataModule, list[CLMethod], pl.Trainer, int]:
@@ -214,7 +224,7 @@ def build_run(
         augments=dm.augment != "none",
         **cfg.module,
     )
-    logger = instantiate_node(cfg.logger, "logger") if cfg.get("logger") else False
+    logger = build_loggers(cfg.get("logger"))
     # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
     epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs() for m in methods)
     callbacks: list[pl.Callback] = [*methods]

@@ -10,13 +10,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from cl_lightning.loggers import log_metrics
 from cl_lightning.results import format_matrix, format_summary
 
 
 def log_task(trainer: pl.Trainer, results: dict[str, Any], task: int) -> None:
     """Row ``task`` of the accuracy matrix, the diagnostics and the summary so far, at the current step."""
-    logger = trainer.logger
-    if logger is None:
+    if not trainer.loggers:
         return
     step = trainer.global_step
     row = results["acc_matrix"][task]
@@ -31,21 +31,21 @@ def log_task(trainer: pl.Trainer, results: dict[str, Any], task: int) -> None:
     for key in ("avg_acc", "forgetting", "bwt", "fwt", "task_il_avg_acc"):
         if results.get(key) is not None:
             metrics[f"summary/{key}"] = results[key]
-    logger.log_metrics(metrics, step=step)
-    experiment = getattr(logger, "experiment", None)
-    if experiment is not None and hasattr(experiment, "add_figure"):
-        from cl_lightning.plots import accuracy_heatmap
+    log_metrics(trainer, metrics, step)
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            from cl_lightning.plots import accuracy_heatmap
 
-        rows = results["acc_matrix"]
-        matrix = np.full((results["n_tasks"], results["n_tasks"]), np.nan)
-        matrix[: len(rows)] = rows
-        experiment.add_figure("eval/acc_matrix", accuracy_heatmap(matrix, f"after task {task}"), global_step=step)
+            rows = results["acc_matrix"]
+            matrix = np.full((results["n_tasks"], results["n_tasks"]), np.nan)
+            matrix[: len(rows)] = rows
+            experiment.add_figure("eval/acc_matrix", accuracy_heatmap(matrix, f"after task {task}"), global_step=step)
 
 
 def log_hparams(trainer: pl.Trainer, cfg: DictConfig, results: dict[str, Any]) -> None:
     """The resolved config as hyperparameters, with the final summary metrics (TensorBoard's HPARAMS tab)."""
-    logger = trainer.logger
-    if logger is None:
+    if not trainer.loggers:
         return
     flat = {
         k: (v if isinstance(v, int | float | str | bool) else str(v))
@@ -53,12 +53,13 @@ def log_hparams(trainer: pl.Trainer, cfg: DictConfig, results: dict[str, Any]) -
         if not k.startswith("paths.") and v is not None
     }
     metrics = {f"hparam/{k}": results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if results.get(k) is not None}
-    if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs them with the metrics
-        logger.log_hyperparams(flat, metrics=metrics)
-    else:  # CSV, Weights & Biases, MLflow: the config, then the final metrics at the last step
-        logger.log_hyperparams(flat)
-        logger.log_metrics(metrics, step=trainer.global_step)
-    logger.save()
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab pairs them with the metrics
+            logger.log_hyperparams(flat, metrics=metrics)
+        else:  # CSV, Weights & Biases, MLflow: the config, then the final metrics at the last step
+            logger.log_hyperparams(flat)
+            logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -167,10 +167,11 @@ def run_tasks(cfg: DictConfig, run: Run, epochs: int, resume_state: dict[str, An
                else "no task had finished, nothing to resume: start the run again")
         ) from None  # fmt: skip
     finally:
-        if isinstance(trainer.logger, SequenceTensorBoardLogger):
-            trainer.logger.close()
-        elif trainer.logger is not None:
-            trainer.logger.save()  # what was logged after the last fit (its row, the summary) is written too
+        for logger in trainer.loggers:
+            if isinstance(logger, SequenceTensorBoardLogger):
+                logger.close()
+            else:
+                logger.save()  # what was logged after the last fit (its row, the summary) is written too
     run.update(results)
     if trainer.is_global_zero and results:
         print_summary(results, name, run_dir / RESULTS_FILE)

@@ -35,7 +35,7 @@ def test_the_final_metrics_reach_a_logger_other_than_tensorboard(make_cfg) -> No
 @pytest.mark.parametrize(("logger", "package"), [("wandb", "wandb"), ("mlflow", "mlflow")])
 def test_wandb_and_mlflow(make_cfg, logger: str, package: str) -> None:
     """Without the package: one line naming it, nothing trained; with it: the run logs offline (no server)."""
-    extra = ["logger.offline=true"] if logger == "wandb" else []
+    extra = ["logger.wandb.offline=true"] if logger == "wandb" else []
     cfg = make_cfg(f"logger={logger}", *extra, "max_tasks=1", "epochs_per_task=1")
     if importlib.util.find_spec(package) is None:
         with pytest.raises(ConfigError, match=package) as info:
@@ -46,3 +46,20 @@ def test_wandb_and_mlflow(make_cfg, logger: str, package: str) -> None:
     results = train(cfg)
     assert results["tasks_completed"] == 1
     assert (Path(cfg.paths.output_dir) / ("wandb" if logger == "wandb" else "mlruns")).is_dir()
+
+
+def test_several_loggers_at_once_each_get_every_metric(make_cfg) -> None:
+    """``logger=[tensorboard,csv]``: both are built, and what the run logs itself (losses, rows, summary, the final
+    metrics) reaches the second logger too, not only Lightning's ``trainer.logger`` (the first)."""
+    cfg = make_cfg("logger=[tensorboard,csv]", "epochs_per_task=1")
+    results = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard's event file"
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    assert {"train/loss", "eval/acc/task_0", "summary/avg_acc", "hparam/avg_acc"} <= set(rows[0])
+    assert float([r for r in rows if r.get("hparam/avg_acc")][-1]["hparam/avg_acc"]) == pytest.approx(
+        results["avg_acc"]
+    )
+    last = [r for r in rows if r.get("summary/avg_acc")][-1]
+    assert float(last["summary/avg_acc"]) == pytest.approx(results["avg_acc"])
+    assert results["config"]["logger"].keys() == {"tensorboard", "csv"}

@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from cl_lightning.loggers import log_metrics
+
 
 class PeriodicEvaluation(pl.Callback):
     """Every ``every_n_steps`` optimizer steps, evaluate every task, keep the row and log ``eval_curve/task_j``.
@@ -75,8 +77,7 @@ class PeriodicEvaluation(pl.Callback):
         row = [float(c / t) if t > 0 else 0.0 for c, t in counts.tolist()]
         self.steps.append(step)
         self.rows.append(row)
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({f"eval_curve/task_{j}": acc for j, acc in enumerate(row)}, step=step)
+        log_metrics(trainer, {f"eval_curve/task_{j}": acc for j, acc in enumerate(row)}, step)
 
     def results(self) -> dict[str, Any]:
         """The ``results.json`` keys of the curve (see the class docstring); empty before the first evaluation."""

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from cl_lightning.core.vae import VAE, VAELoss
 from cl_lightning.errors import ConfigError
+from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.replay import gather
 from cl_lightning.models.backbones import net_logits, routes_by_task
@@ -241,9 +242,9 @@ class DGR(CLMethod):
         self.optimizer.step()
         self._last = VAELoss(current.recon.detach(), current.kl.detach())
         step = trainer.global_step  # the step the module logs its losses at
-        if pl_module.logger is not None and step % pl_module.log_every_n_steps == 0:
+        if pl_module.loggers and step % pl_module.log_every_n_steps == 0:
             values = {"train/dgr/generator_recon": self._last.recon, "train/dgr/generator_kl": self._last.kl}
-            pl_module.logger.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+            log_metrics(pl_module, {k: float(v) for k, v in values.items()}, step)
 
     # ------------------------------------------------------------------ task end
     @override
@@ -254,8 +255,9 @@ class DGR(CLMethod):
         self.prev_generator = _frozen(copy.deepcopy(self.generator))
         self.prev_solver = _frozen(copy.deepcopy(pl_module.net))
         self.copied = task_id
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.is_global_zero else None
-        if self.sample_grid > 0 and hasattr(experiment, "add_image"):
+        experiments = [getattr(lg, "experiment", None) for lg in trainer.loggers] if trainer.is_global_zero else []
+        experiment = next((e for e in experiments if hasattr(e, "add_image")), None)  # TensorBoard's, if any
+        if self.sample_grid > 0 and experiment is not None:
             from torchvision.utils import make_grid
 
             # a generator of its own: logging changes no draw of the run

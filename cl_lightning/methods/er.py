@@ -9,6 +9,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.buffer import STREAMING_SELECTIONS
+from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.replay import ReplayMethod
 
 if TYPE_CHECKING:
@@ -73,9 +74,8 @@ class ER(ReplayMethod):
         replay_ce = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
         term = self.union_term(pl_module, batch, logits, replay_ce, len(replay.y))
         # the union term is not the replayed batch's loss: log that one too, at the module's logging interval
-        logger = pl_module.logger
-        if logger is not None and pl_module.global_step % pl_module.log_every_n_steps == 0:
-            logger.log_metrics({f"train/{self.name}/replay_ce": float(replay_ce.detach())}, step=pl_module.global_step)
+        if pl_module.loggers and pl_module.global_step % pl_module.log_every_n_steps == 0:
+            log_metrics(pl_module, {f"train/{self.name}/replay_ce": float(replay_ce.detach())}, pl_module.global_step)
         return {"replay": term}
 
     @staticmethod

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["EWC"]
 
 
-
-
 class EWC(QuadraticRegularizer):
     """Elastic Weight Consolidation (Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks",
     PNAS 2017), with one penalty per old task (Kirkpatrick et al.'s reply to Huszár, PNAS 2018):

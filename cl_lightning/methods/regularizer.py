@@ -36,6 +36,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.importance import merge_quadratics, quadratic_penalty, trainable_parameters
+from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.strength import Strength, task_follows
 
@@ -257,12 +258,12 @@ class QuadraticRegularizer(CLMethod):
         diffs = torch._foreach_sub([p.detach() for p in self.params], anchors)
         grads = [p.grad for p in self.params]
         torch._foreach_addcmul_(grads, weights, diffs, value=2.0 * self.penalty_scale)  # type: ignore[arg-type]
-        if pl_module.logger is not None and trainer.global_step % pl_module.log_every_n_steps == 0:
+        if pl_module.loggers and trainer.global_step % pl_module.log_every_n_steps == 0:
             value = sum(
                 float(torch.dot((w * d).reshape(-1), d.reshape(-1))) for w, d in zip(weights, diffs, strict=True)
             )
-            pl_module.logger.log_metrics(
-                {f"train/{self.name}/penalty": self.penalty_scale * (value + constant)}, step=trainer.global_step
+            log_metrics(
+                pl_module, {f"train/{self.name}/penalty": self.penalty_scale * (value + constant)}, trainer.global_step
             )
 
     @override

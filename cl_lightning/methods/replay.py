@@ -55,6 +55,7 @@ from typing_extensions import override
 
 from cl_lightning.core.buffer import STREAMING_SELECTIONS, Buffer, BufferSample
 from cl_lightning.errors import ConfigError
+from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.validation import check_choice, check_int
 
@@ -349,6 +350,7 @@ class ProjectionRate:
     def update(self, module: CLModule, projected: Tensor | bool) -> None:
         self.projected = self.projected + projected
         self.steps += 1
-        if self.steps >= module.log_every_n_steps and module.logger is not None:
-            module.logger.log_metrics({self.tag: float(self.projected) / self.steps}, step=module.global_step)
+        if self.steps >= module.log_every_n_steps:
+            if module.loggers:
+                log_metrics(module, {self.tag: float(self.projected) / self.steps}, module.global_step)
             self.projected, self.steps = 0.0, 0

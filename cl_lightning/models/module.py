@@ -16,6 +16,7 @@ from typing_extensions import override
 from cl_lightning.contract import CLMethod
 from cl_lightning.data.batch import Batch
 from cl_lightning.errors import ConfigError, DivergenceError
+from cl_lightning.loggers import log_metrics
 from cl_lightning.metrics import AccuracyMatrix
 from cl_lightning.models.backbones import net_logits
 
@@ -222,24 +223,13 @@ class CLModule(pl.LightningModule):
             with torch.autocast(self.device.type, enabled=False):
                 for method in self._auxiliary:
                     method.auxiliary_step(self, batch)
-        if self.logger is not None and self.global_step % self.log_every_n_steps == 0:
+        if self.loggers and self.global_step % self.log_every_n_steps == 0:
             # Straight to the logger, every n steps: `self.log` on every step costs as much as a small model's
             # forward pass (measured in benchmarks/overhead.py).
             values = {"train/loss": loss, "train/task_loss": task_loss, **{f"train/{k}": v for k, v in terms.items()}}
-            self.logger.log_metrics(
-                {k: float(v.detach()) for k, v in values.items()} | {"task": int(self.current_task)},
-                step=self.global_step,
-            )
+            metrics = {k: float(v.detach()) for k, v in values.items()} | {"task": int(self.current_task)}
+            log_metrics(self, metrics, self.global_step)
         return loss
-
-    @override
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # Lightning's default walks any collection (isinstance checks per field, every step); a Batch is four
-        # tensors, moved here as the default moves them (non-blocking except to the host and MPS)
-        if not isinstance(batch, Batch) or not isinstance(device, torch.device):
-            return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        non_blocking = device.type not in ("cpu", "mps")
-        return Batch(*(t.to(device, non_blocking=non_blocking) if isinstance(t, Tensor) else t for t in batch))
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop the run (:class:`DivergenceError`) on a non-finite loss, before its backward pass touches the weights.
