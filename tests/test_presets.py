@@ -211,6 +211,9 @@ ROWS: dict[tuple[str, str], dict[str, Any]] = {
         "optimizer.lr": 0.03, "method.buffer_size": 500, "method.replay_batch_size": 32,
     },
     ("der_split_cifar10", "gem"): {"optimizer.lr": 0.03, "method.buffer_size": 500, "method.memory_strength": 0.5},
+    ("der_split_cifar10", "icarl"): {
+        "optimizer.lr": 0.1, "optimizer.weight_decay": 1e-5, "method.buffer_size": 500, "method.classifier": "nme",
+    },
     ("der_split_cifar10", "xder"): {
         "optimizer.lr": 0.03, "method.buffer_size": 500, "method.replay_batch_size": 32, "method.alpha": 0.3,
         "method.beta": 0.8,
@@ -391,9 +394,10 @@ def test_a_method_that_brings_its_network_beats_the_datasets() -> None:
     assert compose_cfg("dataset=split_cifar", "method=pnn").model._target_ == PNN_MLP
 
 
-@pytest.mark.parametrize("method", ["xder", "bic"])
+@pytest.mark.parametrize("method", ["icarl", "xder", "bic"])
 def test_new_cifar_presets_run_end_to_end_on_real_format_files(tmp_path: Path, monkeypatch, method: str) -> None:
-    """X-DER's and BiC's Seq-CIFAR-10 presets train and evaluate every task on small files of the real format."""
+    """iCaRL's, X-DER's and BiC's Seq-CIFAR-10 presets train and evaluate every task on small files of the real
+    format."""
     from helpers.fake_cifar import write_cifar10
 
     write_cifar10(tmp_path / "data", monkeypatch, per_class=4)
