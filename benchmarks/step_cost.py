@@ -1,0 +1,363 @@
+"""Per-step cost at small batches (issue 16): cl_lightning against a plain PyTorch loop of the same steps.
+
+Protocols, each trained by ``train()`` on a composed config and by a hand-written loop over the same in-memory
+``uint8`` tensors of the same ``TaskSequenceDataModule``:
+
+- the DER protocol (``experiment=der_split_mnist dataset.scenario=class_il``: Split-MNIST class-IL, MLP
+  784-100-100-10 with Glorot weights, SGD, batch 10, 1 epoch per task, every logit trained as Mammoth does) for
+  ``naive``, ``er`` and ``derpp``, with the values of ``conf/experiment_method/der_split_mnist/<method>.yaml``
+  (buffer 500, replay batch 10; ER lr 0.1; DER++ lr 0.03, alpha 1.0, beta 0.5);
+- ``naive`` on the protocol of ``benchmarks/overhead.py`` (MLP 784-400-400-10, lr 0.1, classes not yet seen masked)
+  at batch 10 and batch 128.
+
+The plain loop gathers each batch by index from a shuffled order, converts ``uint8`` to float, forwards, takes the
+cross-entropy with the same class-IL masking, then ``zero_grad``, backward and an SGD step. ER and DER++ keep a
+reservoir buffer of 500 (Vitter's algorithm R), draw their replay batches of 10 from it *before* inserting the
+current batch, and forward each replay batch on its own, as cl_lightning does: ER's loss is the mean over batch and
+replay, ``(b CE_b + r CE_r) / (b + r)``; DER++'s is ``CE_b + alpha MSE(f(x'), z') + beta CE(f(x''), y'')`` with
+the logits ``z'`` stored at insertion. cl_lightning's time is ``train_seconds`` of ``results.json``: the sum of
+the ``trainer.fit`` calls, one per task (Lightning's per-fit set-up included, evaluation not).
+
+Runs alternate (plain, cl_lightning, plain, ...) ``--repeats`` times per protocol, so that the load of a shared
+machine falls on both sides; the table gives medians, the ratio of medians, and the best of the first two runs of
+each side with its ratio (the issue's bars are stated on the best of 2). One intra-op thread on both sides
+(``torch.set_num_threads(1)``, ``threads=1``).
+
+``--profile`` also runs ``naive`` on the DER protocol once under ``cProfile``: the 15 functions with the most own
+time (``tottime``), each labelled with where it comes from (Lightning's loop and hooks, our module's training
+step, callbacks and methods, the optimizer, torch), and the inclusive time of the step's parts.
+
+Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/step_cost.py [--repeats 3] [--profile]
+[--protocols naive-der derpp-der ...] [--out FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from overhead import OVERRIDES as OVERHEAD_OVERRIDES  # benchmarks/overhead.py: the MLP 2x400 protocol
+
+from cl_lightning.models.backbones import MLP
+from cl_lightning.train import CONFIG_DIR, train
+
+QUIET = ["logger=none", "save_checkpoints=false", "threads=1", "trainer.enable_progress_bar=false"]
+DER = ["experiment=der_split_mnist", "dataset.scenario=class_il", "trainer.accelerator=cpu", *QUIET]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    key: str
+    label: str
+    overrides: tuple[str, ...]
+    bar: float | None  # the issue's bar on ours / plain (best of 2), if any
+
+
+PROTOCOLS = [
+    Protocol("naive-der", "naive, DER protocol (batch 10)", (*DER, "method=naive"), 1.5),
+    Protocol("er-der", "ER, DER protocol (batch 10, replay 10)", (*DER, "method=er"), None),
+    Protocol("derpp-der", "DER++, DER protocol (batch 10, 2 x replay 10)", (*DER, "method=derpp"), 1.3),
+    Protocol("naive-400-b10", "naive, MLP 2x400, batch 10", (*OVERHEAD_OVERRIDES, "batch_size=10"), 1.5),
+    Protocol("naive-400-b128", "naive, MLP 2x400, batch 128", (*OVERHEAD_OVERRIDES, "batch_size=128"), 1.15),
+]
+
+
+def make_cfg(protocol: Protocol, out: Path, seed: int) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*protocol.overrides, f"seed={seed}"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def ours(protocol: Protocol, seed: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        results = train(make_cfg(protocol, Path(tmp) / "run", seed))
+    return float(results["train_seconds"])
+
+
+# ---------------------------------------------------------------------- the plain loop
+class Reservoir:
+    """A plain reservoir buffer (Vitter's algorithm R) of stored inputs, labels and, optionally, logits."""
+
+    def __init__(self, capacity: int, x: torch.Tensor, n_outputs: int, seed: int) -> None:
+        self.capacity, self.seen = capacity, 0
+        self.x = torch.zeros((capacity, *x.shape[1:]), dtype=x.dtype)
+        self.y = torch.zeros(capacity, dtype=torch.long)
+        self.z = torch.zeros(capacity, n_outputs)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor | None) -> None:
+        slots, src = [], []
+        for k, u in enumerate(torch.rand(len(y), generator=self.gen, dtype=torch.float64).tolist()):
+            j = self.seen if self.seen < self.capacity else int(u * (self.seen + 1))  # uniform in [0, seen]
+            if j < self.capacity:
+                slots.append(j)
+                src.append(k)
+            self.seen += 1
+        if slots:
+            dst, idx = torch.tensor(slots), torch.tensor(src)
+            self.x[dst], self.y[dst] = x[idx], y[idx]
+            if z is not None:
+                self.z[dst] = z[idx]
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(len(self), generator=self.gen)[:n]
+        return self.x[idx].float().div_(255.0), self.y[idx], self.z[idx]
+
+
+def plain(cfg: DictConfig, dm, seed: int) -> float:
+    """The run of ``cfg`` (naive, ER or DER++) written as a plain PyTorch loop; its training wall time."""
+    method = cfg.method._target_.rsplit(".", 1)[-1].lower()
+    torch.manual_seed(seed)
+    net = MLP(dm.input_shape, dm.n_outputs, hidden=tuple(cfg.model.hidden), init=cfg.model.init)
+    lr, bs = float(cfg.optimizer.lr), int(cfg.batch_size)
+    masks = torch.zeros(dm.n_tasks, dm.n_outputs, dtype=torch.bool)
+    for t, outputs in enumerate(dm.task_outputs):
+        masks[t, outputs] = True
+    buffer = None
+    if method in ("er", "derpp"):
+        buffer = Reservoir(int(cfg.method.buffer_size), dm.tasks[0].train_x, dm.n_outputs, seed)
+        r = int(cfg.method.replay_batch_size)
+    start = time.perf_counter()
+    for t, task in enumerate(dm.tasks):
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        unseen = ~masks[: t + 1].any(0) if cfg.module.train_outputs == "seen" else None
+        gen = torch.Generator().manual_seed(seed * 100_003 + t)
+        for idx in torch.randperm(len(task.train_y), generator=gen).split(bs):
+            x_raw, y = task.train_x[idx], task.train_y[idx]
+            logits = net(x_raw.float().div_(255.0))
+            masked = logits if unseen is None else logits.masked_fill(unseen, float("-inf"))
+            loss = F.cross_entropy(masked, y)
+            if buffer is not None and len(buffer):
+                if method == "er":
+                    xr, yr, _ = buffer.sample(r)
+                    out = net(xr)
+                    ce_r = F.cross_entropy(out if unseen is None else out.masked_fill(unseen, float("-inf")), yr)
+                    loss = (len(y) * loss + len(yr) * ce_r) / (len(y) + len(yr))
+                else:
+                    xa, _, za = buffer.sample(r)
+                    loss = loss + float(cfg.method.alpha) * F.mse_loss(net(xa), za)
+                    xb, yb, _ = buffer.sample(r)
+                    loss = loss + float(cfg.method.beta) * F.cross_entropy(net(xb), yb)
+            if buffer is not None:  # after the draws: a batch is never replayed in its own step
+                buffer.add(x_raw, y, logits.detach() if method == "derpp" else None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- the profile
+SOURCES = [  # (label, path fragments of the function's file), first match wins
+    ("callbacks and methods", ("/cl_lightning/callbacks/", "/cl_lightning/methods/", "/lightning/pytorch/callbacks/")),
+    ("our module's training step", ("/cl_lightning/models/", "/cl_lightning/data/")),
+    ("optimizer", ("/torch/optim/",)),
+    ("Lightning loop and hooks", ("/lightning/", "/lightning_fabric/", "/lightning_utilities/", "/torchmetrics/")),
+    ("torch", ("/torch/",)),
+]
+PARTS = [  # (label, file fragment, function name): inclusive (cumulative) time of the step's parts
+    ("whole fit (all tasks)", "/lightning/pytorch/trainer/trainer.py", "_run_stage"),
+    ("training_step (ours: forward, masking, loss terms, logging)", "/cl_lightning/models/module.py", "training_step"),
+    ("  of which the forward pass", "/torch/nn/modules/module.py", "_call_impl"),
+    ("backward", "/torch/_tensor.py", "backward"),
+    ("optimizer.step (closure included)", "/torch/optim/optimizer.py", "wrapper"),
+    ("zero_grad", "/torch/optim/optimizer.py", "zero_grad"),
+    ("callback hooks (all)", "/lightning/pytorch/trainer/call.py", "_call_callback_hooks"),
+    ("LightningModule hooks (all, training_step included)", "/lightning/pytorch/trainer/call.py",
+     "_call_lightning_module_hook"),
+    ("batch gathering (TensorBatchLoader.__iter__)", "/cl_lightning/data/loader.py", "__iter__"),
+]  # fmt: skip
+
+
+def source(file: str, func: str) -> str:
+    if file == "~":  # a C function
+        return "torch (C)" if "torch" in func else "Python built-ins"
+    for label, fragments in SOURCES:
+        if any(f in file for f in fragments):
+            return label
+    return "other Python"
+
+
+def where(file: str, line: int) -> str:
+    if "site-packages/" in file:
+        return f"{file.split('site-packages/', 1)[1]}:{line}"
+    if "/cl_lightning/" in file:
+        return f"cl_lightning/{file.split('/cl_lightning/', 1)[1]}:{line}"
+    return f"{Path(file).name}:{line}" if line else file
+
+
+def profile(level: str, n_top: int = 15) -> list[str]:
+    protocol = next(p for p in PROTOCOLS if p.key == "naive-der")
+    ours(protocol, 0)  # not profiled: first imports and data loading
+    profiler = cProfile.Profile()
+    profiler.enable()
+    wall = ours(protocol, 0)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
+    lines = [
+        f"{level} Profile: one `naive` run on the DER protocol under cProfile ({wall:.2f} s train time, profiled)",
+        "",
+        "cProfile's own cost per Python call inflates Python-heavy code relative to C; read shares, not seconds.",
+        "",
+        f"Top {n_top} by own time (`tottime`):",
+        "",
+        "| # | function | where | from | own s | calls |",
+        "|---|---|---|---|---|---|",
+    ]
+    print(f"profile ({wall:.2f}s train under cProfile), top {n_top} by own time:")
+    for i, ((file, line, func), (_, ncalls, tottime, _, _)) in enumerate(rows[:n_top], start=1):
+        src = source(file, func)
+        name = func.replace("|", "\\|")
+        lines.append(f"| {i} | `{name}` | {where(file, line)} | {src} | {tottime:.3f} | {ncalls} |")
+        print(f"  {i:2d}. {tottime:6.3f}s {ncalls:8d}  [{src}] {func} ({where(file, line)})")
+    by_source: dict[str, float] = defaultdict(float)
+    for (file, _, func), (_, _, tottime, _, _) in stats.items():
+        by_source[source(file, func)] += tottime
+    total = sum(by_source.values())
+    lines += ["", "Own time of every profiled function, by where it comes from:", "", "| from | own s | share |"]
+    lines.append("|---|---|---|")
+    print("own time by source:")
+    for src, secs in sorted(by_source.items(), key=lambda kv: kv[1], reverse=True):
+        lines.append(f"| {src} | {secs:.3f} | {secs / total:.0%} |")
+        print(f"  {src:30s} {secs:7.3f}s {secs / total:5.0%}")
+    lines += ["", "Inclusive time of the step's parts (they nest: shares of the whole fit):", ""]
+    lines += ["| part | inclusive s | calls |", "|---|---|---|"]
+    print("inclusive time of the step's parts:")
+    for label, fragment, name in PARTS:
+        hits = [(v[3], v[0]) for (file, _, func), v in stats.items() if func == name and fragment in file]
+        if not hits:
+            continue
+        cum, calls = sum(h[0] for h in hits), sum(h[1] for h in hits)
+        lines.append(f"| {label} | {cum:.3f} | {calls} |")
+        print(f"  {label:60s} {cum:7.3f}s {calls:8d}")
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------------- the table
+def revision() -> str:
+    """The commit, and whether the working tree differs from it."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "cl_lightning"], cwd=root, capture_output=True, text=True
+        )
+        return f"commit {head.stdout.strip()}" + (" plus uncommitted changes to cl_lightning/" if dirty.stdout else "")
+    except OSError:
+        return "an unknown commit"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side and protocol (0: none)")
+    parser.add_argument(
+        "--protocols", nargs="+", default=[p.key for p in PROTOCOLS], choices=[p.key for p in PROTOCOLS]
+    )
+    parser.add_argument("--profile", action="store_true", help="also profile one naive DER-protocol run")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/step_cost.md")
+    parser.add_argument("--heading", default=None, help="put this run's figures under a heading of this text")
+    parser.add_argument("--append", action="store_true", help="append this run to --out instead of rewriting it")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    protocols = [p for p in PROTOCOLS if p.key in args.protocols]
+    command = f"--repeats {args.repeats}"
+    if len(protocols) < len(PROTOCOLS):
+        command += " --protocols " + " ".join(p.key for p in protocols)
+    command += " --profile" if args.profile else ""
+    lines = [] if args.append else [
+        "# Per-step cost: cl_lightning against a plain PyTorch loop of the same steps",
+        "",
+        "Split-MNIST class-IL, 5 tasks, 1 epoch per task. DER protocol: `experiment=der_split_mnist "
+        "dataset.scenario=class_il` (MLP 784-100-100-10, SGD, batch 10, all logits trained; ER and DER++ with "
+        "buffer 500 and replay batches of 10, the values of `conf/experiment_method/der_split_mnist/`). MLP 2x400: "
+        "the protocol of `benchmarks/overhead.py` (lr 0.1, classes not yet seen masked). The plain loop gathers "
+        "each batch by index, converts it to float, forwards, takes the masked cross-entropy, zero_grad, backward, "
+        "SGD step; ER and DER++ keep a reservoir of 500 and draw their replay batches before inserting the current "
+        "one, each forwarded on its own as cl_lightning does. cl_lightning's time is `train_seconds` (the sum of "
+        "the per-task `trainer.fit` calls, evaluation excluded). The issue's bars are on the best of 2 (the "
+        "minimum of each side's first two runs); the medians are the steadier figure on a shared machine.",
+        "",
+    ]  # fmt: skip
+    if args.heading:
+        lines += [f"## {args.heading}", ""]
+        command += f" --heading '{args.heading}'" + (" --append" if args.append else "")
+    lines += [
+        f"torch {torch.__version__}, one intra-op thread on both sides (`torch.set_num_threads(1)`, `threads=1`), "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}, shared with other jobs), Python "
+        f"{platform.python_version()}, code at {revision()}. Produced by `benchmarks/step_cost.py {command}` on "
+        f"{date.today().isoformat()}; runs alternate plain / cl_lightning, {args.repeats} of each per protocol.",
+        "",
+    ]
+    raw: list[str] = []
+    verdicts: list[str] = []
+    if args.repeats > 0:
+        lines += [
+            "| protocol | steps | plain median s | ours median s | ratio of medians | plain best of 2 s "
+            "| ours best of 2 s | ratio, best of 2 | ours - plain per step (median) | bar (best of 2) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        first = make_cfg(protocols[0], Path(tempfile.gettempdir()) / "unused", 0)
+        dm = instantiate(first.dataset)
+        dm.setup()
+        for protocol in protocols:  # not timed: first imports and data loading, the allocator's first requests
+            ours(protocol, 0)
+        for protocol in protocols:
+            cfg = make_cfg(protocol, Path(tempfile.gettempdir()) / "unused", 0)
+            steps = sum(-(-len(t.train_y) // int(cfg.batch_size)) for t in dm.tasks)
+            p_times, o_times = [], []
+            for r in range(args.repeats):
+                p_times.append(plain(make_cfg(protocol, Path(tempfile.gettempdir()) / "unused", r), dm, r))
+                o_times.append(ours(protocol, r))
+                print(f"{protocol.key} repeat {r}: plain {p_times[-1]:.2f}s  ours {o_times[-1]:.2f}s", flush=True)
+            p, o = statistics.median(p_times), statistics.median(o_times)
+            pb, ob = min(p_times[:2]), min(o_times[:2])
+            per_step = (o - p) / steps * 1e3
+            if protocol.bar is None:
+                verdict = "-"
+            else:
+                verdict = f"<= {protocol.bar}: {'met' if ob / pb <= protocol.bar else 'NOT met'}"
+                verdicts.append(f"{protocol.label}: ratio {ob / pb:.2f} (best of 2), {o / p:.2f} (medians), {verdict}")
+            lines.append(
+                f"| {protocol.label} | {steps} | {p:.2f} | {o:.2f} | {o / p:.2f} | {pb:.2f} | {ob:.2f} | "
+                f"{ob / pb:.2f} | {per_step:.2f} ms | {verdict} |"
+            )
+            print(f"{protocol.key}: median plain {p:.2f}s ours {o:.2f}s ratio {o / p:.2f}; best of 2 ratio "
+                  f"{ob / pb:.2f}; {per_step:.2f} ms/step more; bar {verdict}", flush=True)  # fmt: skip
+            raw.append(
+                f"- {protocol.key}: plain {[round(v, 2) for v in p_times]}, ours {[round(v, 2) for v in o_times]}"
+            )
+        lines += ["", "Raw times (s), in run order:", "", *raw, ""]
+        print("bars:", *verdicts, sep="\n  ")
+    if args.profile:
+        lines += profile("###" if args.heading else "##")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    before = args.out.read_text().rstrip() + "\n\n" if args.append and args.out.exists() else ""
+    args.out.write_text(before + "\n".join(lines).rstrip() + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
