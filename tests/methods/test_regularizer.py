@@ -39,7 +39,7 @@ def setup(method: QuadraticRegularizer, lr: float = 0.1) -> tuple[SimpleNamespac
     trainer = SimpleNamespace(
         datamodule=SimpleNamespace(n_tasks=5), optimizers=[optimizer], is_global_zero=True, global_step=0
     )
-    module = SimpleNamespace(net=net, logger=None, log_every_n_steps=50)
+    module = SimpleNamespace(net=net, loggers=[], log_every_n_steps=50)
     method.on_fit_start(trainer, module)  # type: ignore[arg-type]
     return trainer, module, net
 

@@ -30,7 +30,7 @@ def test_bad_values_fail_with_the_key(make_cfg, override: str, message: str) -> 
 def test_records_the_task_gradient_then_adds_the_penalty_gradient() -> None:
     net = nn.Linear(2, 1)
     si = SI(c=3.0, xi=0.1)
-    module = SimpleNamespace(net=net, logger=None, log_every_n_steps=50)
+    module = SimpleNamespace(net=net, loggers=[], log_every_n_steps=50)
     trainer = SimpleNamespace(global_step=0, optimizers=[])
     si.on_fit_start(trainer, module)  # type: ignore[arg-type]
     omega = {n: torch.rand_like(p) for n, p in net.named_parameters()}
