@@ -59,7 +59,10 @@ def test_quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert results["dataset"] == "split_digits" and results["complete"] and len(results["acc_matrix"]) == 5
     assert results["config"]["epochs_per_task"] == 1, "smoke settings"
     (report,) = (tmp_path / "outputs").rglob("report.md")
-    assert len(list(report.parent.rglob("*.png"))) == 4
+    pngs = sorted(p.name for p in report.parent.rglob("*.png"))
+    assert pngs == sorted(
+        ["accuracy_over_tasks_1.png", "comparison.png", "acc_matrix.png", "task_il_acc_matrix.png", "acc_curves.png"]
+    ), "the comparison, the accuracy over tasks, and the run's matrices and curves"
     assert str(report) in text
 
 
