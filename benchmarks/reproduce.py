@@ -112,8 +112,9 @@ TABLES: dict[str, tuple[str, list[str], dict[str, float | None], dict[str, float
         "Split CIFAR-10, Buzzega et al. (2020) protocol, ResNet-18, 50 epochs, buffer 500 (Mammoth's seq-cifar10: "
         "trained class-IL, task-IL is the same runs evaluated with the task's logits only)",
         ["experiment=der_split_cifar10", "dataset.scenario=class_il"],
-        # X-DER and BiC: presets of our own values, no published number for this protocol (LUCIR's cosine
-        # classifier exists for the MLP and the small CNN only)
+        # X-DER and BiC: presets of our own values, no published number for this protocol. LUCIR has no preset
+        # here: it brings its MLP, and a preset cannot choose the model group (`python -m cl_lightning
+        # experiment=der_split_cifar10 method=lucir model=resnet18 +model.head=cosine` runs it)
         {
             "naive": 19.62, "er": 57.74, "der": 70.51, "derpp": 72.70, "agem": 22.67, "gem": 26.20, "icarl": 47.55,
             "xder": None, "bic": None,

@@ -394,16 +394,20 @@ def test_a_method_that_brings_its_network_beats_the_datasets() -> None:
     assert compose_cfg("dataset=split_cifar", "method=pnn").model._target_ == PNN_MLP
 
 
-@pytest.mark.parametrize("method", ["icarl", "xder", "bic"])
-def test_new_cifar_presets_run_end_to_end_on_real_format_files(tmp_path: Path, monkeypatch, method: str) -> None:
-    """iCaRL's, X-DER's and BiC's Seq-CIFAR-10 presets train and evaluate every task on small files of the real
-    format."""
+@pytest.mark.parametrize(
+    ("method", "extra"), [("icarl", []), ("xder", []), ("bic", []), ("lucir", ["model=resnet18", "+model.head=cosine"])]
+)
+def test_new_cifar_presets_run_end_to_end_on_real_format_files(
+    tmp_path: Path, monkeypatch, method: str, extra: list[str]
+) -> None:
+    """iCaRL's, X-DER's and BiC's Seq-CIFAR-10 presets, and LUCIR with the protocol's ResNet-18 given its cosine head,
+    train and evaluate every task on small files of the real format."""
     from helpers.fake_cifar import write_cifar10
 
     write_cifar10(tmp_path / "data", monkeypatch, per_class=4)
     cfg = compose_cfg(
-        "experiment=der_split_cifar10", f"method={method}", f"data_dir={tmp_path / 'data'}", "epochs_per_task=1",
-        "model.nf=4", "method.buffer_size=20", "logger=none", "save_checkpoints=false",
+        "experiment=der_split_cifar10", f"method={method}", *extra, f"data_dir={tmp_path / 'data'}",
+        "epochs_per_task=1", "model.nf=4", "method.buffer_size=20", "logger=none", "save_checkpoints=false",
         "trainer.enable_progress_bar=false", f"paths.output_dir={tmp_path / 'run'}",
     )  # fmt: skip
     results = train(cfg)

@@ -125,7 +125,7 @@ class LUCIR(ReplayMethod):
         if not isinstance(getattr(pl_module.net, "head", None), CosineLinear):  # type: ignore[attr-defined]
             raise ConfigError(
                 "method=lucir needs the network's cosine classifier, not a linear head; use model=mlp_cosine "
-                "(or +model.head=cosine with model=cnn)"
+                "(or +model.head=cosine with model=cnn or model=resnet18)"
             )
 
     @override

@@ -4,8 +4,8 @@ Every backbone shares one contract, which the training module and the replay met
 
 - ``features(x) -> Tensor[B, feature_dim]``: the penultimate representation (herding, k-center, distillation);
 - ``head``: one ``nn.Linear(feature_dim, n_outputs)`` over *all* outputs (task-incremental multi-head training
-  masks the logits outside the model, so the backbone never knows about tasks), or with ``head=cosine`` (MLP and
-  CNN) a :class:`CosineLinear` over them;
+  masks the logits outside the model, so the backbone never knows about tasks), or with ``head=cosine`` a
+  :class:`CosineLinear` over them;
 - ``feature_dim``: the width of ``features``;
 - ``forward(x) = head(features(x))`` on float input ``x`` of shape ``[B, C, H, W]``.
 
@@ -297,9 +297,10 @@ class BasicBlock(nn.Module):
         in_ch: input channels.
         out_ch: output channels.
         stride: stride of the first convolution (and of the projection shortcut).
+        relu_out: apply the final ReLU (off for the last block under a cosine head: LUCIR's features may be negative).
     """
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, relu_out: bool = True) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_ch, out_ch, stride)
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -311,12 +312,13 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
             )
         self.relu = nn.ReLU()
+        self.relu_out = relu_out
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the block to ``x`` of shape ``[B, in_ch, H, W]``."""
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return self.relu(out) if self.relu_out else out
 
 
 class ResNet18Reduced(nn.Module):
@@ -339,6 +341,8 @@ class ResNet18Reduced(nn.Module):
         input_shape: ``(C, H, W)`` of one input; only ``C`` shapes the network.
         n_outputs: number of output units, at least 1.
         nf: width of the first stage; the stages have ``nf, 2nf, 4nf, 8nf`` channels.
+        head: ``linear`` or ``cosine`` (:class:`CosineLinear`, LUCIR's classifier; the last block then has no final
+            ReLU, as LUCIR removes it).
 
     Raises:
         ValueError: if ``nf`` is not a positive integer or ``n_outputs < 1``.
@@ -349,7 +353,7 @@ class ResNet18Reduced(nn.Module):
         (1094750, 160)
     """
 
-    def __init__(self, input_shape: Sequence[int], n_outputs: int, nf: int = 20) -> None:
+    def __init__(self, input_shape: Sequence[int], n_outputs: int, nf: int = 20, head: str = "linear") -> None:
         super().__init__()
         c, _, _ = _check_input_shape(input_shape)
         n_outputs = _check_n_outputs(n_outputs)
@@ -363,12 +367,13 @@ class ResNet18Reduced(nn.Module):
         in_ch = nf
         for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
             out_ch = mult * nf
-            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)))
+            last = BasicBlock(out_ch, out_ch, 1, relu_out=not (head == "cosine" and mult == 8))
+            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, stride), last))
             in_ch = out_ch
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim: int = 8 * nf
-        self.head = nn.Linear(self.feature_dim, n_outputs)
+        self.head = make_head(head, self.feature_dim, n_outputs)
 
     def features(self, x: Tensor) -> Tensor:
         """Return the globally average-pooled last stage, ``[B, 8 * nf]``."""

@@ -191,7 +191,7 @@ def test_mlp_batch_norm_is_gdumbs_block() -> None:
 
 
 @pytest.mark.parametrize("factory", [lambda h: MLP((1, 4, 4), 3, hidden=[8, 6], head=h), lambda h: SmallCNN(
-    (1, 4, 4), 3, channels=[2], hidden=6, head=h)])  # fmt: skip
+    (1, 4, 4), 3, channels=[2], hidden=6, head=h), lambda h: ResNet18Reduced((1, 4, 4), 3, nf=2, head=h)])  # fmt: skip
 def test_cosine_head_is_lucirs_scaled_cosine_over_features_that_may_be_negative(factory) -> None:
     torch.manual_seed(0)
     net = factory("cosine")
