@@ -10,18 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.nme import ClassMeans
-from cl_lightning.core.teacher import Teacher
-from cl_lightning.errors import ConfigError
-from cl_lightning.methods.replay import (
-    ReplayMethod,
-    check_own_classes,
-    proportional_replay,
-    seen_task_accuracies,
-    task_features,
-)
-from cl_lightning.models.backbones import routes_by_task
-from cl_lightning.validation import check_choice, check_int, check_number
+from cl_lightning.methods.exemplar import ExemplarMethod
+from cl_lightning.validation import check_choice, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -30,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["ICaRL"]
 
 
-class ICaRL(ReplayMethod):
+class ICaRL(ExemplarMethod):
     """iCaRL (Rebuffi, Kolesnikov, Sperl & Lampert, "iCaRL: Incremental Classifier and Representation Learning",
     CVPR 2017).
 
@@ -84,9 +74,6 @@ class ICaRL(ReplayMethod):
     """
 
     name: ClassVar[str] = "icarl"
-    selections: ClassVar[tuple[str, ...]] = ("herding",)
-    supported_scenarios: ClassVar[tuple[str, ...]] = ("class_il", "task_il")
-    needs_task_boundaries: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -96,66 +83,18 @@ class ICaRL(ReplayMethod):
         classifier: str = "nme",
         seed: int = 0,
     ) -> None:
-        fixed = None if replay_batch_size is None else check_int("method.replay_batch_size", replay_batch_size)
-        super().__init__(buffer_size, fixed or 1, "herding", seed)
-        self.fixed_replay = fixed
+        super().__init__(buffer_size, replay_batch_size, seed)
         self.temperature = check_number("method.temperature", temperature, strict=True)
         self.classifier = check_choice("method.classifier", classifier, ("nme", "head"))
-        self.old = Teacher()
-        self.means = ClassMeans()  # of the exemplars' normalised features, from the last task end
         self._active: Tensor | None = None  # indices of the classes seen so far (of the current task)
         self._old_classes: Tensor | None = None  # [n_outputs] bool: classes of earlier tasks
-        self._n_task = 1  # training samples of the current task
 
     @override
-    def replaces_task_loss(self) -> bool:
-        return True
-
-    # ------------------------------------------------------------------ setup and task events
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        check_own_classes(pl_module, self.name)  # type: ignore[arg-type]
-        net = pl_module.net  # type: ignore[attr-defined]
-        if not callable(getattr(net, "features", None)) or routes_by_task(net):
-            raise ConfigError(
-                f"method=icarl needs a network with features() that does not route by task, not {type(net).__name__}; "
-                "use model=mlp, cnn or resnet18"
-            )
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self.old.attach(pl_module.net)  # type: ignore[arg-type]
-        self.means.to(pl_module.device)
-        self._prepare_task(trainer, pl_module)  # type: ignore[arg-type]
-
-    @override
-    def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        super().on_task_start(trainer, pl_module, task_id)
-        self._prepare_task(trainer, pl_module)
-
-    def _prepare_task(self, trainer: pl.Trainer, pl_module: CLModule) -> None:
-        # once per task (and per fit: a run resumed mid-task gets no task start), on the module's device
+    def prepare_task(self, trainer: pl.Trainer, pl_module: CLModule) -> None:
+        super().prepare_task(trainer, pl_module)
         t = int(pl_module.current_task)
         self._active = torch.nonzero(pl_module.seen_mask()).view(-1)
         self._old_classes = pl_module.output_masks[:t].any(0)
-        self._n_task = max(1, len(trainer.datamodule.tasks[t].train_y))  # type: ignore[attr-defined]
-
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        super().on_task_end(trainer, pl_module, task_id)  # herding: new classes in, old ones reduced
-        if task_id > self.means.task:
-            buf = self.buffer
-            assert buf.x is not None and buf.y is not None
-            feats = task_features(pl_module, buf.x[: buf.size])
-            self.means.update(feats, buf.y[: buf.size], pl_module.output_masks.shape[1], task_id)
-        self.old.take(pl_module.net, task_id)
-
-    # ------------------------------------------------------------------ training
-    def replay_count(self, batch_size: int) -> int:
-        """Exemplars added to a batch of ``batch_size`` new samples (see the class docstring)."""
-        return proportional_replay(self.fixed_replay, batch_size, self.buffer, self._n_task)
 
     @override
     def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
@@ -177,11 +116,6 @@ class ICaRL(ReplayMethod):
         return {"bce": loss}
 
     # ------------------------------------------------------------------ evaluation
-    def nme_scores(self, pl_module: CLModule, inputs: Tensor) -> Tensor | None:
-        """Nearest-mean-of-exemplars scores (:func:`~cl_lightning.core.nme.nme_scores`) of network inputs, or
-        ``None`` before the first task end."""
-        return self.means.scores(pl_module.net.features(inputs)) if self.means.ready else None
-
     @override
     def eval_scores(self, pl_module: CLModule, inputs: Tensor, task_id: int, logits: Tensor) -> Tensor:
         if self.classifier == "head":
@@ -195,21 +129,4 @@ class ICaRL(ReplayMethod):
         evaluation split: ``head_acc`` (the network's head among the classes seen so far) with ``classifier=nme``,
         ``nme_acc`` with ``classifier=head``."""
         other = "head" if self.classifier == "nme" else "nme"
-        seen = pl_module.seen_mask()
-
-        def scores(inputs: Tensor, task: int) -> Tensor:
-            nme = self.nme_scores(pl_module, inputs) if other == "nme" else None
-            return nme if nme is not None else pl_module(inputs, task).masked_fill(~seen, float("-inf"))
-
-        return {f"{other}_acc": seen_task_accuracies(pl_module, scores)}
-
-    # ------------------------------------------------------------------ state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | self.old.state_dict() | self.means.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.old.load_state_dict(state_dict)
-        self.means.load_state_dict(state_dict)
+        return {f"{other}_acc": self.classifier_accuracies(pl_module, nme=other == "nme")}

@@ -11,16 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.nme import ClassMeans, class_means
-from cl_lightning.core.teacher import Teacher
+from cl_lightning.core.nme import class_means
 from cl_lightning.errors import ConfigError
-from cl_lightning.methods.replay import (
-    ReplayMethod,
-    check_own_classes,
-    proportional_replay,
-    seen_task_accuracies,
-    task_features,
-)
+from cl_lightning.methods.exemplar import ExemplarMethod
+from cl_lightning.methods.replay import task_features
 from cl_lightning.models.backbones import CosineLinear
 from cl_lightning.validation import check_choice, check_int, check_number
 
@@ -31,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["LUCIR"]
 
 
-class LUCIR(ReplayMethod):
+class LUCIR(ExemplarMethod):
     """LUCIR (Hou, Pan, Loy, Wang & Lin, "Learning a Unified Classifier Incrementally via Rebalancing", CVPR 2019).
 
     The network's head is cosine-normalised (:class:`~cl_lightning.models.backbones.CosineLinear`, their eq. 4:
@@ -77,9 +71,6 @@ class LUCIR(ReplayMethod):
     """
 
     name: ClassVar[str] = "lucir"
-    selections: ClassVar[tuple[str, ...]] = ("herding",)
-    supported_scenarios: ClassVar[tuple[str, ...]] = ("class_il", "task_il")
-    needs_task_boundaries: ClassVar[bool] = True
     gradient_edit: ClassVar[str | None] = "freeze the old classes' weights"
 
     def __init__(
@@ -92,25 +83,16 @@ class LUCIR(ReplayMethod):
         classifier: str = "cnn",
         seed: int = 0,
     ) -> None:
-        fixed = None if replay_batch_size is None else check_int("method.replay_batch_size", replay_batch_size)
-        super().__init__(buffer_size, fixed or 1, "herding", seed)
-        self.fixed_replay = fixed
+        super().__init__(buffer_size, replay_batch_size, seed)
         self.lambda_base = check_number("method.lambda_base", lambda_base)
         self.margin = check_number("method.margin", margin)
         self.hard_negatives = check_int("method.hard_negatives", hard_negatives)
         self.classifier = check_choice("method.classifier", classifier, ("cnn", "nme"))
-        self.old = Teacher()
-        self.means = ClassMeans()  # of the exemplars, from the last task end (the nme classifier)
         self._seen: Tensor | None = None  # [n_outputs] bool, classes seen so far (of the current task)
         self._old_classes: Tensor | None = None  # [n_outputs] bool, classes of earlier tasks
         self._new_idx: Tensor | None = None  # indices of the current task's classes
         self._frozen: Tensor | None = None  # the old classes' weights, held fixed during the task
         self._lambda = 0.0
-        self._n_task = 1
-
-    @override
-    def replaces_task_loss(self) -> bool:
-        return True
 
     @staticmethod
     def head(pl_module: pl.LightningModule) -> CosineLinear:
@@ -121,7 +103,6 @@ class LUCIR(ReplayMethod):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        check_own_classes(pl_module, self.name)  # type: ignore[arg-type]
         if not isinstance(getattr(pl_module.net, "head", None), CosineLinear):  # type: ignore[attr-defined]
             raise ConfigError(
                 "method=lucir needs the network's cosine classifier, not a linear head; use model=mlp_cosine "
@@ -129,15 +110,10 @@ class LUCIR(ReplayMethod):
             )
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self.old.attach(pl_module.net)  # type: ignore[arg-type]
-        self.means.to(pl_module.device)
-        self._prepare_task(trainer, pl_module)  # type: ignore[arg-type]
-
-    def _prepare_task(self, trainer: pl.Trainer, pl_module: CLModule) -> None:
-        # every fit (a run resumed mid-task gets no task start); the old weights are fixed, so those of the network
-        # now are the ones to hold
+    def prepare_task(self, trainer: pl.Trainer, pl_module: CLModule) -> None:
+        # the old weights are fixed, so those of the network now (at a fit start, also a resumed one) are the ones
+        # to hold; imprinting at the task start changes only the new classes' rows
+        super().prepare_task(trainer, pl_module)
         t = int(pl_module.current_task)
         masks = pl_module.output_masks
         self._seen, self._old_classes = pl_module.seen_mask(), masks[:t].any(0)
@@ -145,14 +121,12 @@ class LUCIR(ReplayMethod):
         n_old, n_new = int(self._old_classes.sum()), max(1, len(self._new_idx))
         self._lambda = self.lambda_base * math.sqrt(n_old / n_new)
         self._frozen = self.head(pl_module).weight.detach()[self._old_classes].clone() if n_old else None
-        self._n_task = max(1, len(trainer.datamodule.tasks[t].train_y))  # type: ignore[attr-defined]
 
     @override
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         super().on_task_start(trainer, pl_module, task_id)
         if task_id > 0:
             self._imprint(trainer, pl_module, task_id)
-        self._prepare_task(trainer, pl_module)
 
     @torch.no_grad()
     def _imprint(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
@@ -167,27 +141,13 @@ class LUCIR(ReplayMethod):
         new = has_mean & ~old
         weight[new] = (means[new] * norm).to(weight.dtype)
 
-    @override
-    def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
-        super().on_task_end(trainer, pl_module, task_id)  # herding
-        if task_id > self.means.task:
-            buf = self.buffer
-            assert buf.x is not None and buf.y is not None
-            feats = task_features(pl_module, buf.x[: buf.size])
-            self.means.update(feats, buf.y[: buf.size], pl_module.output_masks.shape[1], task_id)
-        self.old.take(pl_module.net, task_id)
-
     # ------------------------------------------------------------------ training
     @override
     def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         assert self._seen is not None and self._old_classes is not None and self._new_idx is not None
         net, head = pl_module.net, self.head(pl_module)
         stored, labels, tid = batch.x, batch.y, batch.task_id
-        r = (
-            0
-            if self.buffer.is_empty
-            else proportional_replay(self.fixed_replay, len(labels), self.buffer, self._n_task)
-        )
+        r = 0 if self.buffer.is_empty else self.replay_count(len(labels))
         if r > 0:
             replay = self.buffer.sample(r)
             stored, labels = torch.cat([stored, replay.x]), torch.cat([labels, replay.y])
@@ -236,8 +196,9 @@ class LUCIR(ReplayMethod):
     # ------------------------------------------------------------------ evaluation
     @override
     def eval_scores(self, pl_module: CLModule, inputs: Tensor, task_id: int, logits: Tensor) -> Tensor:
-        if self.classifier == "nme" and self.means.ready:
-            return self.means.scores(pl_module.net.features(inputs)).to(logits.dtype)
+        scores = self.nme_scores(pl_module, inputs) if self.classifier == "nme" else None
+        if scores is not None:
+            return scores.to(logits.dtype)
         if pl_module.eval_row < 0:
             return logits  # the random network: every output (forward transfer's baseline)
         return logits.masked_fill(~pl_module.seen_mask(), float("-inf"))
@@ -247,22 +208,4 @@ class LUCIR(ReplayMethod):
         """The other classifier's accuracy on each task seen (fractions): ``nme_acc`` with ``classifier=cnn``,
         ``cnn_acc`` with ``classifier=nme``."""
         other = "nme" if self.classifier == "cnn" else "cnn"
-        seen = pl_module.seen_mask()
-
-        def scores(inputs: Tensor, task: int) -> Tensor:
-            if other == "nme" and self.means.ready:
-                return self.means.scores(pl_module.net.features(inputs))
-            return pl_module(inputs, task).masked_fill(~seen, float("-inf"))
-
-        return {f"{other}_acc": seen_task_accuracies(pl_module, scores)}
-
-    # ------------------------------------------------------------------ state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | self.old.state_dict() | self.means.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.old.load_state_dict(state_dict)
-        self.means.load_state_dict(state_dict)
+        return {f"{other}_acc": self.classifier_accuracies(pl_module, nme=other == "nme")}

@@ -1,8 +1,8 @@
 """The layout of ``cl_lightning/methods/``: a method file takes nothing from another method's file but its base class.
 
-Shared plumbing lives in the shared modules (``CONVENTIONS.md``, rule 13): ``base``, ``regularizer``, ``replay``,
-``strength``, ``cl_lightning/validation.py`` and ``core/``. Subclassing a method (``DER++`` from ``DER``) is the one
-sanctioned method-to-method import: the imported name must be a base of a class the file defines.
+Shared plumbing lives in the shared modules (``CONVENTIONS.md``, rule 13): ``base``, ``exemplar``, ``regularizer``,
+``replay``, ``strength``, ``cl_lightning/validation.py`` and ``core/``. Subclassing a method (``DER++`` from
+``DER``) is the one sanctioned method-to-method import: the imported name must be a base of a class the file defines.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import cl_lightning.methods
 
 METHODS_DIR = Path(cl_lightning.methods.__file__).parent
 PACKAGE = "cl_lightning.methods"
-SHARED = {"base", "regularizer", "replay", "strength"}
+SHARED = {"base", "exemplar", "regularizer", "replay", "strength"}
 
 # (importing module, imported method module) pairs that break the rule today, each to be removed with its cause;
 # the test fails when one no longer occurs, so the list only shrinks
