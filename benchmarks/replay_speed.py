@@ -11,6 +11,10 @@ Mammoth do; ``der:128`` and ``agem:128`` rows replay 128 (the config defaults). 
 alternate (naive, er, der, ..., naive, er, ...) ``--repeats`` times; the script prints every time, the medians
 and the ratios of medians to naive's, and writes them to ``docs/results/replay_speed.md``.
 
+``--flops`` counts each method's training FLOPs once (an extra, untimed run under
+``torch.utils.flop_counter.FlopCounterMode``: matrix products of every step, replay and task-end pass): the ratio to
+naive's is what the method computes, the floor its time ratio approaches where the arithmetic dominates.
+
 ``--profile`` also runs each replay method once under ``cProfile`` and records the five functions with the most
 own time (``tottime``), to check that buffer insertion and sampling are not among them.
 
@@ -19,7 +23,7 @@ with P1's lambda 100, and other non-replay methods can be added); with
 ``--out`` the table goes to another file, e.g. to merge a subset's rows into the results by hand.
 
 Usage: ``CL_DATA_DIR=/path/with/MNIST python benchmarks/replay_speed.py [--repeats 3] [--steps 500 | --epochs 1]
-[--hidden 100 100] [--lr 0.03] [--batch-sizes 10 32] [--methods naive gem] [--profile] [--out FILE]``
+[--hidden 100 100] [--lr 0.03] [--batch-sizes 10 32] [--methods naive gem] [--flops] [--profile] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -93,6 +97,28 @@ def run(method: str, args: argparse.Namespace, seed: int) -> dict:
         return train(make_cfg(method, args, Path(tmp) / "run", seed))
 
 
+def training_flops(method: str, args: argparse.Namespace) -> float:
+    """Matrix FLOPs of one run's training (every ``trainer.fit``: steps, replay and task-end passes; evaluation is
+    ``trainer.test`` and not counted), by ``torch.utils.flop_counter.FlopCounterMode`` around each fit."""
+    import lightning.pytorch as pl
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = [0.0]
+    fit = pl.Trainer.fit
+
+    def counted(self: pl.Trainer, *a: object, **k: object) -> None:
+        with FlopCounterMode(display=False) as counter:
+            fit(self, *a, **k)  # type: ignore[arg-type]
+        total[0] += counter.get_total_flops()
+
+    pl.Trainer.fit = counted  # type: ignore[method-assign]
+    try:
+        run(method, args, 0)
+    finally:
+        pl.Trainer.fit = fit  # type: ignore[method-assign]
+    return total[0]
+
+
 def profile_top(method: str, args: argparse.Namespace, n: int = 5) -> list[str]:
     profiler = cProfile.Profile()
     profiler.enable()
@@ -121,18 +147,21 @@ def measure(args: argparse.Namespace, methods: list[str]) -> list[str]:
             accs[m].append(float(results["avg_acc"]))
             print(f"batch {args.batch_size} repeat {r} {m}: {times[m][-1]:.2f}s train, avg_acc {accs[m][-1]:.3f}")
     base = statistics.median(times["naive"])
+    flops = {m: training_flops(m, args) for m in methods} if args.flops else {}
     lines = [
         f"## Batch {args.batch_size}, replay batch {args.replay_batch_size}",
         "",
-        "| method | median train s | ratio to naive | bar | avg_acc (median) |",
-        "|---|---|---|---|---|",
+        "| method | median train s | ratio to naive | bar | avg_acc (median) |"
+        + (" training GFLOP | FLOPs ratio to naive |" if flops else ""),
+        "|---|---|---|---|---|" + ("---|---|" if flops else ""),
     ]
     for m in methods:
         med = statistics.median(times[m])
         ratio = med / base
         bar = BARS.get(m.partition(":")[0])
         verdict = "" if bar is None else f"<= {bar} {'met' if ratio <= bar else 'NOT met'}"
-        lines.append(f"| `{m}` | {med:.2f} | {ratio:.2f} | {verdict} | {statistics.median(accs[m]):.3f} |")
+        counted = f" {flops[m] / 1e9:.1f} | {flops[m] / flops['naive']:.2f} |" if flops else ""
+        lines.append(f"| `{m}` | {med:.2f} | {ratio:.2f} | {verdict} | {statistics.median(accs[m]):.3f} |{counted}")
         print(f"batch {args.batch_size} {m}: median {med:.2f}s, ratio {ratio:.2f} {verdict}", flush=True)
     raw = "; ".join(f"{m} {[round(t, 2) for t in times[m]]}" for m in methods)
     return [*lines, "", f"Raw train times (s): {raw}", ""]
@@ -151,6 +180,9 @@ def main() -> None:
     parser.add_argument("--bar", nargs="+", default=[], metavar="METHOD=RATIO", help="override a bar, e.g. gem=3.0")
     parser.add_argument("--profile", action="store_true", help="profile each method once at the first batch size")
     parser.add_argument(
+        "--flops", action="store_true", help="count each method's training FLOPs once (an extra, untimed run)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/results/replay_speed.md"
     )
     args = parser.parse_args()
@@ -168,6 +200,8 @@ def main() -> None:
         command.append("--bar " + " ".join(args.bar))
     if args.profile:
         command.append("--profile")
+    if args.flops:
+        command.append("--flops")
     lines = [
         "# Replay methods: training time relative to naive fine-tuning",
         "",

@@ -18,9 +18,14 @@ replay, ``(b CE_b + r CE_r) / (b + r)``; DER++'s is ``CE_b + alpha MSE(f(x'), z'
 the logits ``z'`` stored at insertion. cl_lightning's time is ``train_seconds`` of ``results.json``: the sum of
 the ``trainer.fit`` calls, one per task (Lightning's per-fit set-up included, evaluation not).
 
-Runs alternate (plain, cl_lightning, plain, ...) ``--repeats`` times per protocol, so that the load of a shared
-machine falls on both sides; the table gives medians, the ratio of medians, and the best of the first two runs of
-each side with its ratio (the issue's bars are stated on the best of 2). One intra-op thread on both sides
+For the naive protocols a third side, **bare Lightning**, takes the plain loop's steps in the smallest
+LightningModule (forward, the same masked cross-entropy, manual SGD step) over the same batches, one
+``Trainer.fit`` per task with no callback, logger, progress bar or checkpoint: what Lightning's own loop costs per
+step before any code of ours, the floor of any framework that trains through ``Trainer.fit``.
+
+Runs alternate (plain, bare Lightning, cl_lightning, plain, ...) ``--repeats`` times per protocol, so that the load
+of a shared machine falls on every side; the table gives medians, the ratio of medians, and the best of the first
+two runs of each side with its ratio (the issue's bars are stated on the best of 2). One intra-op thread on both sides
 (``torch.set_num_threads(1)``, ``threads=1``).
 
 ``--profile`` also runs ``naive`` on the DER protocol once under ``cProfile``: the 15 functions with the most own
@@ -49,6 +54,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -167,6 +173,65 @@ def plain(cfg: DictConfig, dm, seed: int) -> float:
             loss.backward()
             opt.step()
     return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------- Lightning's own floor
+class _Batches:
+    """The plain loop's batches (one task, shuffled, gathered by index) as an iterable Lightning can fit on."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Generator) -> None:
+        self.x, self.y, self.order = x, y, torch.randperm(len(y), generator=gen).split(batch_size)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for idx in self.order:
+            yield self.x[idx], self.y[idx]
+
+
+class BareModule(pl.LightningModule):
+    """The smallest LightningModule taking the plain loop's naive steps (manual optimization, as ours)."""
+
+    def __init__(self, net: torch.nn.Module, lr: float, unseen: torch.Tensor | None) -> None:
+        super().__init__()
+        self.net, self.lr, self.unseen = net, lr, unseen
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self.net(x.float().div_(255.0))
+        masked = logits if self.unseen is None else logits.masked_fill(self.unseen, float("-inf"))
+        loss = F.cross_entropy(masked, y)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.net.parameters(), lr=self.lr)
+
+
+def bare(cfg: DictConfig, dm, seed: int) -> float:
+    """Naive's steps of ``cfg`` in the smallest Lightning run: one ``Trainer.fit`` per task, no callback, logger,
+    progress bar or checkpoint; the wall time of the fits. What Lightning's loop costs before any code of ours."""
+    torch.manual_seed(seed)
+    net = MLP(dm.input_shape, dm.n_outputs, hidden=tuple(cfg.model.hidden), init=cfg.model.init)
+    masks = torch.zeros(dm.n_tasks, dm.n_outputs, dtype=torch.bool)
+    for t, outputs in enumerate(dm.task_outputs):
+        masks[t, outputs] = True
+    total = 0.0
+    for t, task in enumerate(dm.tasks):
+        unseen = ~masks[: t + 1].any(0) if cfg.module.train_outputs == "seen" else None
+        batches = _Batches(task.train_x, task.train_y, int(cfg.batch_size), torch.Generator().manual_seed(seed + t))
+        trainer = pl.Trainer(
+            max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.fit(BareModule(net, float(cfg.optimizer.lr), unseen), train_dataloaders=batches)
+        total += time.perf_counter() - start
+    return total
 
 
 # ---------------------------------------------------------------------- the profile
@@ -316,8 +381,9 @@ def main() -> None:
     if args.repeats > 0:
         lines += [
             "| protocol | steps | plain median s | ours median s | ratio of medians | plain best of 2 s "
-            "| ours best of 2 s | ratio, best of 2 | ours - plain per step (median) | bar (best of 2) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| ours best of 2 s | ratio, best of 2 | ours - plain per step (median) | bar (best of 2) "
+            "| bare Lightning median s | bare / plain (medians) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         first = make_cfg(protocols[0], Path(tempfile.gettempdir()) / "unused", 0)
         dm = instantiate(first.dataset)
@@ -327,11 +393,15 @@ def main() -> None:
         for protocol in protocols:
             cfg = make_cfg(protocol, Path(tempfile.gettempdir()) / "unused", 0)
             steps = sum(-(-len(t.train_y) // int(cfg.batch_size)) for t in dm.tasks)
-            p_times, o_times = [], []
+            p_times, o_times, b_times = [], [], []
+            floor = cfg.method._target_.endswith(".Naive")  # the bare Lightning run takes naive's steps only
             for r in range(args.repeats):
                 p_times.append(plain(make_cfg(protocol, Path(tempfile.gettempdir()) / "unused", r), dm, r))
+                if floor:
+                    b_times.append(bare(cfg, dm, r))
                 o_times.append(ours(protocol, r))
-                print(f"{protocol.key} repeat {r}: plain {p_times[-1]:.2f}s  ours {o_times[-1]:.2f}s", flush=True)
+                print(f"{protocol.key} repeat {r}: plain {p_times[-1]:.2f}s  ours {o_times[-1]:.2f}s"
+                      + (f"  bare Lightning {b_times[-1]:.2f}s" if floor else ""), flush=True)  # fmt: skip
             p, o = statistics.median(p_times), statistics.median(o_times)
             pb, ob = min(p_times[:2]), min(o_times[:2])
             per_step = (o - p) / steps * 1e3
@@ -342,12 +412,14 @@ def main() -> None:
                 verdicts.append(f"{protocol.label}: ratio {ob / pb:.2f} (best of 2), {o / p:.2f} (medians), {verdict}")
             lines.append(
                 f"| {protocol.label} | {steps} | {p:.2f} | {o:.2f} | {o / p:.2f} | {pb:.2f} | {ob:.2f} | "
-                f"{ob / pb:.2f} | {per_step:.2f} ms | {verdict} |"
+                f"{ob / pb:.2f} | {per_step:.2f} ms | {verdict} | "
+                + (f"{statistics.median(b_times):.2f} | {statistics.median(b_times) / p:.2f} |" if floor else "- | - |")
             )
             print(f"{protocol.key}: median plain {p:.2f}s ours {o:.2f}s ratio {o / p:.2f}; best of 2 ratio "
                   f"{ob / pb:.2f}; {per_step:.2f} ms/step more; bar {verdict}", flush=True)  # fmt: skip
             raw.append(
                 f"- {protocol.key}: plain {[round(v, 2) for v in p_times]}, ours {[round(v, 2) for v in o_times]}"
+                + (f", bare Lightning {[round(v, 2) for v in b_times]}" if floor else "")
             )
         lines += ["", "Raw times (s), in run order:", "", *raw, ""]
         print("bars:", *verdicts, sep="\n  ")

@@ -203,6 +203,10 @@ def build_loggers(node: Any) -> list[Any] | Any:
     return [instantiate_node(sub, f"logger.{name}") for name, sub in node.items() if sub] or False
 
 
+# Lightning's short spellings of trainer.precision, and what it calls them
+_PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
 def build_run(
     cfg: DictConfig, run_dir: Path
 ) -> tuple[CLModule, TaskSequenceDataModule, list[CLMethod], pl.Trainer, int]:
@@ -222,8 +226,17 @@ def build_run(
         hide_task_boundaries=dm.stream == "online",
         preprocess=dm.preprocess,
         augments=dm.augment != "none",
+        # the module takes the optimizer step itself (manual optimization) and clips there
+        gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+        gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm"),
         **cfg.module,
     )
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if accumulate not in (None, 1):
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate}: not supported, every batch is one optimizer step of the "
+            "method (its replay and gradient edits are per step); raise batch_size instead"
+        )
     logger = build_loggers(cfg.get("logger"))
     # methods that train on after the task's epochs (PackNet's retraining) lengthen every task by as much
     epochs = (1 if cfg.steps_per_task else cfg.epochs_per_task) + max(m.extra_epochs() for m in methods)
@@ -253,6 +266,14 @@ def build_run(
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     trainer: pl.Trainer = instantiate_node(
         cfg.trainer, "trainer", callbacks=callbacks, logger=logger, max_epochs=epochs, enable_progress_bar=progress,
-        enable_checkpointing=bool(every),
+        enable_checkpointing=bool(every), gradient_clip_val=None, gradient_clip_algorithm=None,
     )  # fmt: skip
+    asked = str(cfg.trainer.get("precision", "32-true"))
+    asked = _PRECISION_ALIASES.get(asked, asked)
+    if trainer.precision != asked:  # e.g. 16-mixed on the CPU, which Lightning turns into bf16-mixed
+        device = type(trainer.accelerator).__name__.removesuffix("Accelerator")
+        raise ConfigError(
+            f"trainer.precision={asked}: not available on this {device} (Lightning would train in {trainer.precision} "
+            f"instead); use trainer.precision={trainer.precision}, or a GPU"
+        )
     return module, dm, methods, trainer, epochs

@@ -249,7 +249,16 @@ def restore(state: dict[str, Any], trainer: pl.Trainer, module: CLModule, dm: Ta
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, CLMethod | PeriodicEvaluation) and callback.state_key in saved:
             callback.load_state_dict(saved[callback.state_key])
-    trainer.fit_loop.load_state_dict(state["loops"]["fit_loop"])
+    loops = state["loops"]["fit_loop"]
+    steps = loops.get("epoch_loop.manual_optimization.optim_step_progress", {}).get("total", {}).get("completed")
+    if steps is not None and steps != int(state.get("global_step", steps)):
+        # the module optimizes manually; a checkpoint of the earlier automatic loop would restart the step count
+        raise RunDirectoryError(
+            f"resume: the checkpoint counts {state['global_step']} steps in a loop this version does not run (it is "
+            "from an earlier cl_lightning); finish the run with that version or start a new one; the run directory "
+            "is left as it was"
+        )
+    trainer.fit_loop.load_state_dict(loops)
     mid_task = int(module.task_finished) < int(module.current_task)
     if (mid_task or not module.reset_optimizer) and state.get("optimizer_states"):
         module.pending_optimizer_state = state["optimizer_states"][0]

@@ -129,3 +129,21 @@ def test_two_process_ddp_keeps_every_rank_identical(tmp_path: Path, name: str) -
     assert abs(got["avg_acc"] - one["avg_acc"]) <= (0.2 if name in ("dgr", "mir") else 0.1)
     for i in range(5):
         assert abs(got["acc_matrix"][i][i] - one["acc_matrix"][i][i]) <= 0.25, f"task {i} learned alike"
+
+
+def _floating(state: Any) -> list[torch.Tensor]:
+    return [t for t in _tensors(state) if t.is_floating_point()]
+
+
+@pytest.mark.slow  # 25 short runs; CI runs -m slow
+@pytest.mark.parametrize("name", METHODS)
+def test_trains_under_bf16_mixed_precision_with_float32_state(make_cfg, name: str) -> None:
+    """``trainer.precision=bf16-mixed`` (autocast; on the CPU here, the same path as on a GPU): every method trains
+    two tasks to finite weights, and what it keeps (buffers of logits, Fishers, anchors, teachers) stays float32,
+    the dtype a checkpoint resumes and a full-precision evaluation reads."""
+    run = train(make_cfg(f"method={name}", *SMALL, "epochs_per_task=1", "max_tasks=2", "trainer.precision=bf16-mixed"))
+    assert run["tasks_completed"] == 2 and not run.get("diverged")
+    assert all(bool(torch.isfinite(p).all()) and p.dtype == torch.float32 for p in run.module.net.parameters())
+    (method,) = run.methods
+    dtypes = {t.dtype for t in _floating(method.state_dict())}
+    assert dtypes <= {torch.float32}, f"method={name} keeps {dtypes} state"

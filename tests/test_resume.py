@@ -215,3 +215,26 @@ def test_a_sweep_rerun_with_resume_auto_skips_finished_jobs_and_continues_the_ki
     assert row["method"] == "naive" and row["runs"] == "3" and row["avg_acc_n"] == "3", row
     mean = sum(json.loads((job / "results.json").read_text())["avg_acc"] for job in jobs) / 3
     assert float(row["avg_acc_mean"]) == pytest.approx(mean), "the skipped jobs' results feed the summary"
+
+
+def test_a_checkpoint_whose_loop_counted_its_steps_elsewhere_is_refused(make_cfg, tmp_path: Path) -> None:
+    """A checkpoint of the earlier automatic-optimization loop holds its step count where the module's manual loop
+    does not look: resuming it would restart the count (and the position in the task). It is refused in one line,
+    with the run directory left as it was."""
+    from cl_lightning.errors import RunDirectoryError
+
+    cut = make_cfg("epochs_per_task=2", "logger=none", "checkpoint_every_n_steps=4",
+                   "+callbacks.cut._target_=helpers.kill.InterruptAtStep", "+callbacks.cut.step=13")  # fmt: skip
+    with pytest.raises(RunInterrupted):
+        train(cut)
+    path = Path(cut.paths.output_dir) / "checkpoints" / "mid_task.ckpt"
+    state = torch.load(path, weights_only=True)
+    progress = state["loops"]["fit_loop"]["epoch_loop.manual_optimization.optim_step_progress"]
+    for counts in progress.values():
+        counts.update(ready=0, completed=0)  # as the automatic loop left it: its steps were counted elsewhere
+    torch.save(state, path)
+    before = {p: p.read_bytes() for p in Path(cut.paths.output_dir).rglob("*") if p.is_file()}
+    with pytest.raises(RunDirectoryError, match=r"counts 12 steps in a loop this version does not run"):
+        train(make_cfg(f"resume={cut.paths.output_dir}", "logger=none"))
+    after = {p: p.read_bytes() for p in Path(cut.paths.output_dir).rglob("*") if p.is_file()}
+    assert after == before

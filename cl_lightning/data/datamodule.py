@@ -11,6 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.data import scenarios
+from cl_lightning.data.batch import Batch
 from cl_lightning.data.loader import TensorBatchLoader
 from cl_lightning.data.scenarios import Task
 from cl_lightning.errors import ConfigError
@@ -271,6 +272,17 @@ class TaskSequenceDataModule(pl.LightningDataModule):
     @override
     def test_dataloader(self) -> list[TensorBatchLoader]:
         return self.eval_dataloaders()
+
+    @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # A Batch moves field by field: Lightning's generic walk through collections costs about a tenth of a
+        # batch-10 step of a small MLP. On the CPU the tensors are already there and the batch passes as it is.
+        if isinstance(batch, Batch):
+            if all(t.device == device for t in batch):
+                return batch
+            non_blocking = device.type not in ("cpu", "mps")  # as Lightning's own move
+            return Batch(*(t.to(device, non_blocking=non_blocking) for t in batch))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ------------------------------------------------------------------ device-side preprocessing
     def preprocess(self, x: Tensor, train: bool = False) -> Tensor:

@@ -44,8 +44,9 @@ class EWC(QuadraticRegularizer):
     Each task keeps its own Fisher and anchor (state ``fishers``/``anchors``, never an accumulated Fisher counted
     again); at every step the sum of the per-task quadratics is evaluated as the single equivalent quadratic
     ``A (theta - m)^2 + K`` (:class:`~cl_lightning.methods.regularizer.QuadraticRegularizer`), so a step costs the
-    same however many tasks are remembered. The penalty is a loss term (``ewc/penalty``), so it composes with any other
-    method's loss terms and gradient edits.
+    same however many tasks are remembered. The penalty's gradient is added right after the backward pass (the base's
+    ``backward`` door: what a loss term would give, for a third of the cost), so it composes with any other method's
+    loss terms and gradient edits; its value is logged as ``train/ewc/penalty``.
 
     **Strength and plain SGD.** SGD with learning rate ``lr`` and momentum ``mu`` diverges on the penalty when
     ``lr * lambda * max_i A_i > 2 (1 + mu)``, ``A`` the summed Fishers (:mod:`~cl_lightning.methods.strength`).

@@ -28,8 +28,9 @@ class MAS(QuadraticRegularizer):
 
     (the absolute value taken per sample, before averaging; importances accumulate over tasks as in the paper),
     and later tasks are trained with ``L(theta) = L_task(theta) + lambda * sum_i Omega_i (theta_i - theta*_i)^2``
-    (no 1/2). Per-sample gradients with ``torch.func`` in eval mode, like EWC's Fisher. The penalty is a loss
-    term (``mas/penalty``) and composes with other methods.
+    (no 1/2). Per-sample gradients with ``torch.func`` in eval mode, like EWC's Fisher. The penalty's gradient is
+    added right after the backward pass (the base's ``backward`` door, as a loss term would give it; its value logged
+    as ``train/mas/penalty``) and composes with other methods.
 
     **Strength and plain SGD.** ``Omega`` scales with the logits' size and accumulates, and SGD with learning rate
     ``lr`` and momentum ``mu`` diverges on the penalty when ``lr * 2 lambda max_i Omega_i > 2 (1 + mu)``

@@ -76,7 +76,8 @@ class SI(QuadraticRegularizer):
     anchor_key: ClassVar[str] = "anchor"
     listed_state: ClassVar[bool] = False  # one running Omega and anchor
     strength_key: ClassVar[str] = "c"
-    penalty_door: ClassVar[Literal["loss", "gradient"]] = "gradient"  # the path integral sees the task gradient
+    # the path integral sees the task gradient alone: the penalty's is added after it is recorded
+    penalty_door: ClassVar[Literal["backward", "loss", "gradient"]] = "gradient"
 
     def __init__(self, c: float | str = AUTO, xi: float = 0.1) -> None:
         super().__init__(c, self.AUTO_C)

@@ -21,6 +21,7 @@ from cl_lightning.metrics import AccuracyMatrix
 from cl_lightning.models.backbones import net_logits
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+_PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
 
 
 class CLModule(pl.LightningModule):
@@ -56,6 +57,15 @@ class CLModule(pl.LightningModule):
             (scaling, training-time augmentation, normalisation); the datamodule's ``preprocess``.
         augments: Whether ``preprocess(x, train=True)`` draws random augmentations. When it does not, methods may
             prepare a fixed set of stored inputs once and reuse it (GEM's episodic memories).
+        gradient_clip_val: Clip the gradients to this norm (or value) before every optimizer step, after the
+            methods' gradient edits (``trainer.gradient_clip_val``, handed over by the run).
+        gradient_clip_algorithm: ``norm`` or ``value`` (``trainer.gradient_clip_algorithm``).
+
+    Optimization is manual (Lightning's ``automatic_optimization = False``): :meth:`training_step` takes the
+    step itself, ``zero_grad``, :meth:`manual_backward`, ``optimizer.step()``, which is how Lightning runs the
+    same hooks (``on_before_backward``, ``on_after_backward``, ``on_before_optimizer_step``, gradient unscaling
+    under mixed precision) without its closure machinery: at batch 10 on a small MLP the automatic loop costs
+    about a tenth of a step more (``benchmarks/step_cost.py``). The LR scheduler is stepped at every epoch's end.
     """
 
     def __init__(
@@ -72,8 +82,15 @@ class CLModule(pl.LightningModule):
         hide_task_boundaries: bool = False,
         preprocess: Callable[[Tensor, bool], Tensor] | None = None,
         augments: bool = False,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
+        if gradient_clip_algorithm not in (None, "norm", "value"):
+            raise ConfigError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: choose 'norm' or 'value'")
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm or "norm"
         if train_outputs not in ("seen", "all"):
             raise ConfigError(f"module.train_outputs={train_outputs!r}: choose 'seen' or 'all'")
         if log_every_n_steps < 1:
@@ -103,6 +120,7 @@ class CLModule(pl.LightningModule):
         self._optimizer: torch.optim.Optimizer | None = None
         self._methods: list[CLMethod] = []
         self._replaces_task_loss = False
+        self._loss_methods: list[CLMethod] = []  # methods with loss terms of their own
         self._auxiliary: list[CLMethod] = []  # methods that train a model of their own each step
         self._scorer: CLMethod | None = None  # the method whose classifier evaluation predicts from, if any
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
@@ -114,6 +132,17 @@ class CLModule(pl.LightningModule):
         self._finite: Tensor | None = None
         # the run's resolved config and timings, stored in every checkpoint so a resume needs nothing else
         self.run_info: dict[str, Any] = {}
+
+    @override
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning names the running hook on the module (a string or None) at every hook call, some 40 times per
+        # step; nn.Module's checks for parameters, buffers and submodules cost more than a small network's step.
+        # A name already in __dict__ is a plain attribute (nn.Module removes it from there when it registers a
+        # parameter, buffer or submodule), and a str/int/float/bool/None value is none of those: the same effect.
+        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ forward and masks
     @override
@@ -174,6 +203,9 @@ class CLModule(pl.LightningModule):
         # every fit and every test (the initial evaluation comes before any fit)
         self._methods = [cb for cb in self.trainer.callbacks if isinstance(cb, CLMethod)]  # type: ignore[attr-defined]
         self._replaces_task_loss = any(m.replaces_task_loss() for m in self._methods)
+        # only the methods that override a per-step door are called at each step: a step costs the same whatever
+        # number of methods that do nothing then is combined
+        self._loss_methods = [m for m in self._methods if type(m).loss_terms is not CLMethod.loss_terms]
         self._auxiliary = [m for m in self._methods if type(m).auxiliary_step is not CLMethod.auxiliary_step]
         self._scorer = next((m for m in self._methods if type(m).eval_scores is not CLMethod.eval_scores), None)
 
@@ -202,6 +234,17 @@ class CLModule(pl.LightningModule):
 
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.training_loss(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        return loss.detach()
+
+    def training_loss(self, batch: Batch) -> Tensor:
+        """The objective of one training step: the task loss plus every method's loss terms (or only the terms of a
+        method that replaces the task loss); checked finite, logged every ``log_every_n_steps`` steps.
+        :meth:`training_step` then takes the optimizer step on it."""
         if self.hide_task_boundaries and self.scenario == "class_il":
             # every process's labels, so that the mask (and the buffer) is the same on all of them
             labels = self.all_gather(batch.y).reshape(-1) if self.trainer.world_size > 1 else batch.y
@@ -209,7 +252,7 @@ class CLModule(pl.LightningModule):
         logits = self(self.prepare(batch.x, train=True), batch.task_id)
         task_loss = F.cross_entropy(self.training_logits(logits, batch.task_id), batch.y)
         terms: dict[str, Tensor] = {}
-        for method in self._methods:
+        for method in self._loss_methods:
             # methods see the un-augmented batch and the raw (unmasked) logits of its augmented version
             for key, value in method.loss_terms(self, batch, logits).items():
                 terms[f"{method.name}/{key}"] = value
@@ -230,6 +273,20 @@ class CLModule(pl.LightningModule):
             metrics = {k: float(v.detach()) for k, v in values.items()} | {"task": int(self.current_task)}
             log_metrics(self, metrics, self.global_step)
         return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # after every callback's hook (the methods' gradient edits), as Lightning's automatic clipping comes after
+        # them; under mixed precision the gradients are unscaled by now
+        if self.gradient_clip_val is not None:
+            clip, algorithm = self.gradient_clip_val, self.gradient_clip_algorithm
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # type: ignore[union-attr]
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop the run (:class:`DivergenceError`) on a non-finite loss, before its backward pass touches the weights.

@@ -147,11 +147,11 @@ def test_loss_is_one_mean_over_the_union_of_batch_and_replay(make_cfg, monkeypat
         return out
 
     checked: list[float] = []
-    step = CLModule.training_step
+    step = CLModule.training_loss
 
-    def checking_step(self, batch, batch_idx):
+    def checking_step(self, batch):
         drawn.clear()
-        loss = step(self, batch, batch_idx)
+        loss = step(self, batch)
         if drawn and len(checked) < 4 and int(self.current_task) >= 1:
             (replay,) = drawn
             assert len(replay.y) == 5 and len(batch.y) == 16
@@ -168,7 +168,7 @@ def test_loss_is_one_mean_over_the_union_of_batch_and_replay(make_cfg, monkeypat
         return loss
 
     monkeypatch.setattr(Buffer, "sample", recording_sample)
-    monkeypatch.setattr(CLModule, "training_step", checking_step)
+    monkeypatch.setattr(CLModule, "training_loss", checking_step)
     run = ["method=er", "method.buffer_size=50", "method.replay_batch_size=5", "logger=none", "max_tasks=2"]
     train(make_cfg(*run, f"dataset.scenario={scenario}"))
     assert len(checked) == 4

@@ -51,13 +51,13 @@ def tiny_ewc(lambda_: float = 2.0) -> tuple[EWC, nn.Linear]:
 
 def test_penalty_is_zero_at_the_anchor_and_positive_away() -> None:
     ewc, net = tiny_ewc()
-    assert ewc.loss_terms(None, None, None) == {}, "no penalty before the first task ends"  # type: ignore[arg-type]
+    assert ewc.penalty() is None, "no penalty before the first task ends"  # type: ignore[arg-type]
     anchor = {n: p.detach().clone() for n, p in net.named_parameters()}
     ewc.consolidate({n: torch.rand_like(p) + 0.1 for n, p in anchor.items()}, anchor)
-    assert ewc.loss_terms(None, None, None)["penalty"].item() == 0.0  # type: ignore[arg-type]
+    assert ewc.penalty().item() == 0.0  # type: ignore[arg-type]
     with torch.no_grad():
         net.weight[0, 0] += 0.1
-    assert ewc.loss_terms(None, None, None)["penalty"].item() > 0  # type: ignore[arg-type]
+    assert ewc.penalty().item() > 0  # type: ignore[arg-type]
 
 
 def test_one_penalty_per_task_with_the_half_written_out() -> None:
@@ -68,7 +68,7 @@ def test_one_penalty_per_task_with_the_half_written_out() -> None:
         anchor = {n: torch.randn_like(p) for n, p in net.named_parameters()}
         ewc.consolidate(fisher, anchor)
         tasks.append((fisher, anchor))
-    value = ewc.loss_terms(None, None, None)["penalty"]  # type: ignore[arg-type]
+    value = ewc.penalty()  # type: ignore[arg-type]
     params = list(net.parameters())
     names = [n for n, _ in net.named_parameters()]
     expected = sum(quadratic_penalty(params, [a[n] for n in names], [f[n] for n in names]) for f, a in tasks) * (

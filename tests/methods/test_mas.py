@@ -35,11 +35,11 @@ def test_penalty_is_lambda_omega_squared_distance_zero_at_the_anchor() -> None:
     mas.on_fit_start(None, SimpleNamespace(net=net))  # type: ignore[arg-type]
     omega = {n: torch.rand_like(p) for n, p in net.named_parameters()}
     mas.load_state_dict({"omega": omega, "anchor": {n: p.detach().clone() for n, p in net.named_parameters()}})
-    assert mas.loss_terms(None, None, None)["penalty"].item() == 0.0  # type: ignore[arg-type]
+    assert mas.penalty().item() == 0.0  # type: ignore[arg-type]
     with torch.no_grad():
         net.bias += 0.5
     expected = 2.0 * float((omega["bias"] * 0.25).sum())  # no 1/2 in MAS's penalty
-    assert mas.loss_terms(None, None, None)["penalty"].item() == pytest.approx(expected, rel=1e-6)  # type: ignore[arg-type]
+    assert mas.penalty().item() == pytest.approx(expected, rel=1e-6)  # type: ignore[arg-type]
 
 
 def test_importance_covers_the_task_head_and_accumulates(make_cfg) -> None:

@@ -45,11 +45,11 @@ def test_running_fisher_is_decayed_and_summed_with_one_anchor() -> None:
     expected = 2.0 * sum(
         float((state["fishers"][0][n] * (p.detach() - anchors[2][n]) ** 2).sum()) for n, p in net.named_parameters()
     )
-    assert ewc.loss_terms(None, None, None)["penalty"].item() == pytest.approx(expected, rel=1e-5)  # type: ignore[arg-type]
+    assert ewc.penalty().item() == pytest.approx(expected, rel=1e-5)  # type: ignore[arg-type]
     with torch.no_grad():
         for n, p in net.named_parameters():
             p.copy_(anchors[2][n])
-    assert ewc.loss_terms(None, None, None)["penalty"].item() == 0.0  # type: ignore[arg-type]
+    assert ewc.penalty().item() == 0.0  # type: ignore[arg-type]
 
 
 def test_end_to_end_state_holds_one_fisher_and_the_last_weights(make_cfg) -> None:

@@ -13,9 +13,11 @@ from cl_lightning.methods.regularizer import QuadraticRegularizer
 
 
 class L2(QuadraticRegularizer):
-    """``lambda * sum_t sum_i W_t (theta_i - theta*_{t,i})^2`` with a fixed importance per task (``W_t = t + 1``)."""
+    """``lambda * sum_t sum_i W_t (theta_i - theta*_{t,i})^2`` with a fixed importance per task (``W_t = t + 1``),
+    as a loss term."""
 
     name = "l2"
+    penalty_door = "loss"
 
     def importance(self, trainer, pl_module, task_id: int) -> dict[str, Tensor]:
         return {n: torch.full_like(p, task_id + 1.0) for n, p in zip(self.param_names, self.params, strict=True)}
@@ -105,6 +107,49 @@ def test_running_quadratic_by_the_gradient_door_equals_the_loss_term() -> None:
     method.on_before_optimizer_step(trainer, module, None)  # type: ignore[arg-type]
     for p, e in zip(net.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e)
+
+
+class BackwardL2(L2):
+    """The default door: the penalty's gradient added right after the backward pass."""
+
+    name = "backward_l2"
+    penalty_door = "backward"
+
+
+def test_the_backward_door_gives_the_loss_terms_gradient_before_any_other_hook() -> None:
+    """EWC's door: no loss term; ``on_after_backward`` adds exactly the gradient the loss term's backward pass gives
+    (on top of the task loss's, already in ``p.grad``); nothing is added again before the optimizer step."""
+    method, as_loss = BackwardL2(3.0, reference=1.0), L2(3.0, reference=1.0)
+    trainer, module, net = setup(method)
+    finish_task(method, trainer, module, net, 0)
+    finish_task(method, trainer, module, net, 1)
+    as_loss.load_state_dict(method.state_dict())
+    as_loss.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    with torch.no_grad():
+        net.weight.mul_(1.5)
+    assert method.loss_terms(module, None, None) == {}, "no loss term"  # type: ignore[arg-type]
+    x = torch.randn(4, 3)
+    (net(x).square().sum() + as_loss.loss_terms(module, None, None)["penalty"]).backward()  # type: ignore[arg-type]
+    expected = [p.grad.clone() for p in net.parameters()]  # type: ignore[union-attr]
+    net.zero_grad(set_to_none=True)
+    net(x).square().sum().backward()
+    method.on_after_backward(trainer, module)  # type: ignore[arg-type]
+    method.on_before_optimizer_step(trainer, module, None)  # type: ignore[arg-type]
+    for p, e in zip(net.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_under_a_gradient_scaler_the_backward_door_is_a_loss_term() -> None:
+    """With 16-mixed the gradients after the backward pass are scaled: the penalty goes into the (scaled) loss."""
+    method = BackwardL2(3.0, reference=1.0)
+    trainer, module, net = setup(method)
+    finish_task(method, trainer, module, net, 0)
+    trainer.precision_plugin = SimpleNamespace(scaler=object())
+    method.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    assert "penalty" in method.loss_terms(module, None, None)  # type: ignore[arg-type]
+    net.zero_grad(set_to_none=True)
+    method.on_after_backward(trainer, module)  # type: ignore[arg-type]
+    assert all(p.grad is None for p in net.parameters()), "and no gradient is added after the backward pass"
 
 
 def test_state_is_cpu_tensors_by_name_in_the_subclass_layout() -> None:

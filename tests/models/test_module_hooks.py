@@ -97,3 +97,63 @@ def test_methods_without_a_model_of_their_own_are_not_called_per_step(make_cfg, 
     monkeypatch.setattr(CLMethod, "auxiliary_step", fail)
     run = train(make_cfg(*TASK_IL, "method=naive", "max_tasks=1"))
     assert run["tasks_completed"] == 1
+
+
+# ------------------------------------------------------------------ the optimizer step (manual optimization)
+class _StepSizes(__import__("lightning.pytorch").pytorch.Callback):
+    """Records the norm of every optimizer step's weight change."""
+
+    def __init__(self) -> None:
+        self.sizes: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before = torch.cat([p.detach().reshape(-1).clone() for p in pl_module.net.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = torch.cat([p.detach().reshape(-1) for p in pl_module.net.parameters()])
+        self.sizes.append(float((after - self.before).norm()))
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_trainer_gradient_clip_val_clips_every_step(make_cfg, algorithm: str) -> None:
+    """``trainer.gradient_clip_val`` keeps working with the module's own optimizer step: with plain SGD (lr 0.1) a
+    step moves the weights by lr times the clipped gradient, so by at most 0.1 * 1e-3 in norm (``norm``), or
+    0.1 * 1e-4 per weight (``value``); unclipped steps on the same run are far larger."""
+    from cl_lightning.build import build_run
+
+    sizes = {}
+    for clip in (None, 1e-3 if algorithm == "norm" else 1e-4):
+        cfg = make_cfg(
+            "logger=none", "max_tasks=1", "epochs_per_task=1", "optimizer=sgd", "optimizer.lr=0.1",
+            f"trainer.gradient_clip_val={clip or 'null'}", f"+trainer.gradient_clip_algorithm={algorithm}",
+        )  # fmt: skip
+        module, dm, methods, trainer, _ = build_run(cfg, Path(cfg.paths.output_dir))
+        recorder = _StepSizes()
+        trainer.callbacks.append(recorder)  # type: ignore[attr-defined]
+        dm.set_task(0)
+        trainer.fit(module, datamodule=dm)
+        sizes[clip] = recorder.sizes
+    unclipped, clipped = sizes[None], next(v for k, v in sizes.items() if k is not None)
+    n_weights = sum(p.numel() for p in module.net.parameters())
+    bound = 0.1 * 1e-3 if algorithm == "norm" else 0.1 * 1e-4 * n_weights**0.5
+    assert len(clipped) == len(unclipped) > 0
+    assert max(clipped) <= bound * (1 + 1e-4), "every step is clipped"
+    assert min(unclipped) > 10 * bound, "without the clip the steps are larger: the bound is not vacuous"
+
+
+def test_gradient_accumulation_is_refused_in_one_line(make_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=2: not supported.*raise batch_size"):
+        train(make_cfg("logger=none", "+trainer.accumulate_grad_batches=2"))
+
+
+def test_an_unknown_gradient_clip_algorithm_is_refused(make_cfg) -> None:
+    with pytest.raises(ConfigError, match=r"trainer.gradient_clip_algorithm='l3': choose 'norm' or 'value'"):
+        train(make_cfg("logger=none", "trainer.gradient_clip_val=1.0", "+trainer.gradient_clip_algorithm=l3"))
+
+
+def test_a_precision_lightning_would_replace_is_refused(make_cfg) -> None:
+    """fp16 autocast needs a GPU: Lightning would train ``16-mixed`` in bf16 on the CPU with a warning; the run
+    refuses instead, naming both."""
+    cfg = make_cfg("logger=none", "trainer.accelerator=cpu", "trainer.precision=16-mixed")
+    with pytest.raises(ConfigError, match=r"trainer.precision=16-mixed: not available on this CPU .*bf16-mixed"):
+        train(cfg)

@@ -1,0 +1,72 @@
+"""``benchmarks/peers.py`` without Avalanche: one line saying how to install it, exit status 2; and its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+_spec = importlib.util.spec_from_file_location("peers", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+peers = importlib.util.module_from_spec(_spec)
+sys.modules["peers"] = peers  # dataclasses resolve their module by name
+_spec.loader.exec_module(peers)
+
+# `import avalanche` fails in the child whether or not Avalanche is installed: a None entry in sys.modules
+BLOCKED = (
+    "import runpy, sys; sys.modules['avalanche'] = None; sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def test_refuses_in_one_line_without_avalanche(tmp_path: Path) -> None:
+    out = tmp_path / "peers.md"
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED, str(SCRIPT), "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == peers.EXIT_NO_AVALANCHE == 2
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert lines == [peers.INSTALL_HINT]
+    assert "pip install -e .[peers]" in lines[0]
+    assert not out.exists()
+
+
+def test_blocked_import_reads_as_missing(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "avalanche", None)
+    assert peers.avalanche_version() is None
+
+
+def run(train_s: float, acc: float = 0.5, steps: int = 1876) -> Any:
+    return peers.Measured(train_s=train_s, eval_s=train_s / 10, avg_acc=acc, steps=steps)
+
+
+def test_table_medians_ratios_and_bars() -> None:
+    rows = [
+        peers.Row("naive", 1.5, [run(2.0), run(3.0), run(1.0)], [run(4.0), run(5.0), run(6.0)]),
+        peers.Row("ewc", 2.0, [run(2.0)], [run(3.0, steps=1875)]),
+        peers.Row("gem", 2.0, [run(2.0)], None, "RuntimeError: no solver"),
+    ]
+    table = peers.markdown_table(rows)
+    assert table[0].startswith("| method | ours train s | Avalanche train s | Avalanche / ours | bar |")
+    assert len(table) == 2 + len(rows)
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    naive, ewc, gem = table[2:]
+    assert naive.startswith(
+        "| `naive` | 2.00 | 5.00 | 2.50 | >= 1.5x met | 0.20 | 0.50 | 0.500 | 0.500 | 1876 / 1876 |"
+    )
+    assert "| 1.50 | >= 2.0x NOT met |" in ewc and "1876 / 1875" in ewc
+    assert "not run" in gem and "not measured" in gem
+    assert peers.bars_summary(rows) == "Bars met on 1 of 3 methods (not met: ewc; not measured: gem)."
+
+
+def test_every_row_names_a_strategy_and_the_issue_bars() -> None:
+    assert set(peers.METHODS) == {"naive", "er", "er:class_balanced", "derpp", "ewc", "agem", "gem", "lwf", "si"}
+    assert {m for m, p in peers.PEERS.items() if p.bar == 2.0} == {"ewc", "gem", "agem"}
+    assert all(p.bar == 1.5 for m, p in peers.PEERS.items() if m not in ("ewc", "gem", "agem"))
+    assert peers.PEERS["er"].avalanche_call().endswith("storage_policy=ReservoirSamplingBuffer(500))")
+    assert peers.PEERS["ewc"].avalanche_call() == "EWC(ewc_lambda=50.0, mode='separate')"
+    assert peers.PEERS["gem"].avalanche_call() == "GEM(patterns_per_exp=100, memory_strength=0.5)"
