@@ -373,7 +373,8 @@ def main() -> None:
         f"torch {torch.__version__}, one intra-op thread on both sides (`torch.set_num_threads(1)`, `threads=1`), "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}, shared with other jobs), Python "
         f"{platform.python_version()}, code at {revision()}. Produced by `benchmarks/step_cost.py {command}` on "
-        f"{date.today().isoformat()}; runs alternate plain / cl_lightning, {args.repeats} of each per protocol.",
+        f"{date.today().isoformat()}; runs alternate plain / bare Lightning (naive protocols) / cl_lightning, "
+        f"{args.repeats} of each per protocol.",
         "",
     ]
     raw: list[str] = []
