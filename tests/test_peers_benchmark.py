@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
 _spec = importlib.util.spec_from_file_location("peers", SCRIPT)
 assert _spec is not None and _spec.loader is not None
@@ -44,23 +46,53 @@ def run(train_s: float, acc: float = 0.5, steps: int = 1876) -> Any:
     return peers.Measured(train_s=train_s, eval_s=train_s / 10, avg_acc=acc, steps=steps)
 
 
-def test_table_medians_ratios_and_bars() -> None:
+def test_table_medians_ratios_and_bars_per_evaluator() -> None:
+    both = list(peers.EVALUATORS)
     rows = [
-        peers.Row("naive", 1.5, [run(2.0), run(3.0), run(1.0)], [run(4.0), run(5.0), run(6.0)]),
-        peers.Row("ewc", 2.0, [run(2.0)], [run(3.0, steps=1875)]),
-        peers.Row("gem", 2.0, [run(2.0)], None, "RuntimeError: no solver"),
-    ]
-    table = peers.markdown_table(rows)
-    assert table[0].startswith("| method | ours train s | Avalanche train s | Avalanche / ours | bar |")
+        peers.Row(
+            "naive", 1.5, [run(2.0), run(3.0), run(1.0)],
+            {"slim": [run(4.0), run(5.0), run(6.0)], "default": [run(2.0), run(2.5), run(3.0)]},
+        ),
+        peers.Row("ewc", 2.0, [run(2.0)], {"slim": [run(3.0, steps=1875)], "default": [run(5.0)]}),
+        peers.Row("gem", 2.0, [run(2.0)], {"default": [run(6.0)]}, {"slim": "RuntimeError: no solver"}),
+    ]  # fmt: skip
+    table = peers.markdown_table(rows, both)
+    assert table[0].startswith(
+        "| method | bar | ours train s | Avalanche train s, slim | Avalanche / ours, slim "
+        "| Avalanche train s, default | Avalanche / ours, default |"
+    )
     assert len(table) == 2 + len(rows)
     assert all(line.count("|") == table[0].count("|") for line in table)
     naive, ewc, gem = table[2:]
-    assert naive.startswith(
-        "| `naive` | 2.00 | 5.00 | 2.50 | >= 1.5x met | 0.20 | 0.50 | 0.500 | 0.500 | 1876 / 1876 |"
+    assert naive == (
+        "| `naive` | >= 1.5x | 2.00 | 5.00 | 2.50 met | 2.50 | 1.25 NOT met | 0.20 | 0.50 / 0.25 | 0.500 "
+        "| 0.500 / 0.500 | 1876 / 1876 / 1876 |"
     )
-    assert "| 1.50 | >= 2.0x NOT met |" in ewc and "1876 / 1875" in ewc
-    assert "not run" in gem and "not measured" in gem
-    assert peers.bars_summary(rows) == "Bars met on 1 of 3 methods (not met: ewc; not measured: gem)."
+    assert "| 1.50 NOT met | 5.00 | 2.50 met |" in ewc and "1876 / 1875 / 1876" in ewc
+    assert "| not run | not measured | 6.00 | 3.00 met |" in gem and "1876 / - / 1876" in gem
+    assert peers.bars_summary(rows, "slim") == (
+        "Evaluator `slim` (like-for-like): bars met on 1 of 3 methods (not met: ewc; not measured: gem)."
+    )
+    assert peers.bars_summary(rows, "default") == (
+        "Evaluator `default` (what users get): bars met on 2 of 3 methods (not met: naive; not measured: none)."
+    )
+    only_default = peers.markdown_table(rows[:1], ["default"])
+    assert "slim" not in only_default[0] and only_default[2].endswith("| 1876 / 1876 |")
+
+
+def test_evaluator_settings() -> None:
+    assert peers.EVALUATORS == ("slim", "default")
+    assert set(peers.EVALUATOR_TEXT) == set(peers.EVALUATOR_ROLE) == set(peers.EVALUATORS)
+    with pytest.raises(ValueError, match="evaluator 'full'"):
+        peers.build_strategy(peers.PEERS["naive"], None, "full")  # refused before Avalanche is imported
+
+
+def test_unknown_evaluator_is_refused_by_the_parser(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKED, str(SCRIPT), "--avalanche-evaluator", "full"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "invalid choice: 'full'" in proc.stderr
 
 
 def test_every_row_names_a_strategy_and_the_issue_bars() -> None:
