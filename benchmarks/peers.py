@@ -381,11 +381,7 @@ def ours_revision() -> str:
 
 def compose_p1(method: str, seed: int, steps_per_task: int | None, out: Path) -> DictConfig:
     """Our config of P1 for a row of :data:`PEERS` (``steps_per_task``: the warm-up's short tasks)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-    from replay_speed import BASE, method_overrides  # this folder is on sys.path when the script runs
-
-    from cl_lightning.train import CONFIG_DIR
+    from replay_speed import BASE, compose_run, method_overrides  # this folder is on sys.path when the script runs
 
     overrides = [
         *BASE,
@@ -398,11 +394,7 @@ def compose_p1(method: str, seed: int, steps_per_task: int | None, out: Path) ->
         "epochs_per_task=1",
         f"seed={seed}",
     ]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    return compose_run(overrides, out)
 
 
 def run_ours(method: str, seed: int, warm_up: bool = False) -> Measured:

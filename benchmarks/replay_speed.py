@@ -85,6 +85,11 @@ def make_cfg(method: str, args: argparse.Namespace, out: Path, seed: int):
         f"epochs_per_task={args.epochs or 1}",
         f"seed={seed}",
     ]
+    return compose_run(overrides, out)
+
+
+def compose_run(overrides: list[str], out: Path):
+    """``conf/train.yaml`` composed with ``overrides``, writing into ``out``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):

@@ -57,13 +57,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from overhead import OVERRIDES as OVERHEAD_OVERRIDES  # benchmarks/overhead.py: the MLP 2x400 protocol
+from replay_speed import compose_run
 
 from cl_lightning.models.backbones import MLP
-from cl_lightning.train import CONFIG_DIR, train
+from cl_lightning.train import train
 
 QUIET = ["logger=none", "save_checkpoints=false", "threads=1", "trainer.enable_progress_bar=false"]
 DER = ["experiment=der_split_mnist", "dataset.scenario=class_il", "trainer.accelerator=cpu", *QUIET]
@@ -87,11 +87,7 @@ PROTOCOLS = [
 
 
 def make_cfg(protocol: Protocol, out: Path, seed: int) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*protocol.overrides, f"seed={seed}"])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    return compose_run([*protocol.overrides, f"seed={seed}"], out)
 
 
 def ours(protocol: Protocol, seed: int) -> float:
