@@ -30,6 +30,11 @@ untimed warm-up of every method on every side (20 steps per task); the medians, 
 issue's bars (ours at least 1.5x faster than Avalanche on every method, 2x on EWC, GEM and A-GEM), judged for each
 setting separately, are printed and written to ``docs/results/peers.md``.
 
+For ``naive``, ``er`` and ``derpp`` a third side, the plain PyTorch loop of ``benchmarks/step_cost.py`` (the same
+network, batches, class-IL masking, loss and SGD steps, no framework at all), runs right after ours: Avalanche's
+time over the plain loop's is the most that any framework doing the same arithmetic could gain on Avalanche, the
+ceiling of the ratio the bars ask for.
+
 Avalanche is an optional extra (``pip install -e .[peers]``); without it the script exits with status 2 and one
 line saying so. Avalanche's GEM solves its quadratic program with ``quadprog`` through ``qpsolvers``, which may
 need ``pip install quadprog``; a strategy that cannot run is reported with its error, the others still run.
@@ -175,6 +180,8 @@ PEERS: dict[str, Peer] = {
 }
 
 METHODS = tuple(PEERS)
+# methods that benchmarks/step_cost.py also writes as a plain PyTorch loop: the floor of any framework's time
+PLAIN = ("naive", "er", "derpp")
 
 MATCHED = [
     "Data: the MNIST files our datamodule reads, the same uint8 tensors scaled to [0, 1] by / 255 (no normalisation, "
@@ -257,11 +264,31 @@ class Row:
     ours: list[Measured]
     avalanche: dict[str, list[Measured]]
     errors: dict[str, str] = field(default_factory=dict)
+    plain_s: list[float] = field(default_factory=list)  # the plain PyTorch loop of the same steps (PLAIN methods)
 
     def ratio(self, evaluator: str) -> float | None:
         """Median of Avalanche's train time under ``evaluator`` over the median of ours (``None``: not run)."""
         runs = self.avalanche.get(evaluator)
         return median_of(runs, "train_s") / median_of(self.ours, "train_s") if runs else None
+
+    def ceiling(self, evaluator: str) -> float | None:
+        """Avalanche's median train time under ``evaluator`` over the plain loop's: the most any framework doing the
+        same arithmetic through PyTorch could be faster than Avalanche (``None``: no plain loop for this method)."""
+        runs = self.avalanche.get(evaluator)
+        return median_of(runs, "train_s") / statistics.median(self.plain_s) if runs and self.plain_s else None
+
+
+def run_plain(method: str, seed: int) -> float:
+    """The plain PyTorch loop of P1's steps for ``method`` (``benchmarks/step_cost.py``'s: same network, batches,
+    masking, loss and SGD steps, no framework); its training wall time."""
+    from hydra.utils import instantiate
+    from step_cost import plain  # this folder is on sys.path when the script runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_p1(method, seed, None, Path(tmp) / "run")
+    dm = instantiate(cfg.dataset)
+    dm.setup("fit")
+    return plain(cfg, dm, seed)
 
 
 def median_of(runs: Sequence[Measured], key: str) -> float:
@@ -289,6 +316,7 @@ def markdown_table(rows: Sequence[Row], evaluators: Sequence[str]) -> list[str]:
     header = ["method", "bar", "ours train s"]
     for e in evaluators:
         header += [f"Avalanche train s, {e}", f"Avalanche / ours, {e}"]
+    header += ["plain loop train s", f"Avalanche / plain loop ({both})"]
     header += [
         "ours eval s", f"Avalanche eval s ({both})", "ours avg_acc", f"Avalanche avg_acc ({both})",
         f"steps (ours / {both})",
@@ -309,6 +337,11 @@ def markdown_table(rows: Sequence[Row], evaluators: Sequence[str]) -> list[str]:
                 evals.append("-")
                 accs.append("-")
                 steps.append("-")
+        ceilings = [row.ceiling(e) for e in evaluators]
+        cells += [
+            f"{statistics.median(row.plain_s):.2f}" if row.plain_s else "-",
+            " / ".join("-" if c is None else f"{c:.2f}" for c in ceilings),
+        ]
         cells += [
             f"{median_of(row.ours, 'eval_s'):.2f}", " / ".join(evals), f"{median_of(row.ours, 'avg_acc'):.3f}",
             " / ".join(accs), " / ".join(steps),
@@ -578,15 +611,21 @@ def measure(methods: Sequence[str], repeats: int, evaluators: Sequence[str]) -> 
 
     for m in methods:  # not timed: first imports, first data loads, the allocator's first requests
         run_ours(m, 0, warm_up=True)
+        if m in PLAIN:
+            run_plain(m, 0)
         for e in evaluators:
             avalanche(m, 0, e, "warm-up", warm_up=True)
     ours: dict[str, list[Measured]] = {m: [] for m in methods}
+    plain_s: dict[str, list[float]] = {m: [] for m in methods}
     peer: dict[str, dict[str, list[Measured]]] = {m: {e: [] for e in evaluators} for m in methods}
     for r in range(repeats):
         for m in methods:
             ours[m].append(run_ours(m, r))
             o = ours[m][-1]
             print(f"repeat {r} {m} ours: {o.train_s:.2f}s train, {o.eval_s:.2f}s eval, avg_acc {o.avg_acc:.3f}")
+            if m in PLAIN:
+                plain_s[m].append(run_plain(m, r))
+                print(f"repeat {r} {m} plain loop: {plain_s[m][-1]:.2f}s train", flush=True)
             for e in evaluators:
                 if e in errors[m]:
                     continue
@@ -600,7 +639,7 @@ def measure(methods: Sequence[str], repeats: int, evaluators: Sequence[str]) -> 
                     flush=True,
                 )
     return [
-        Row(m, PEERS[m].bar, ours[m], {e: peer[m][e] for e in evaluators if e not in errors[m]}, errors[m])
+        Row(m, PEERS[m].bar, ours[m], {e: peer[m][e] for e in evaluators if e not in errors[m]}, errors[m], plain_s[m])
         for m in methods
     ]
 
@@ -689,6 +728,11 @@ def main() -> None:
         "",
         "Ours runs the same way against both (P1's settings: `logger=none`, no progress bar); each run of ours is "
         "timed once and its time is the denominator of every ratio of its method and repeat.",
+        "",
+        "Plain loop (naive, ER, DER++): the same steps written as a plain PyTorch loop (`benchmarks/step_cost.py`: "
+        "the same network, batches, masking, loss and SGD steps, no framework), run right after ours. Avalanche / "
+        "plain loop is the most any framework doing the same arithmetic could be faster than Avalanche: the ceiling "
+        "of the bar's ratio.",
         "",
         f"Ours: {revision}. Avalanche {version}, torch {torch.__version__}, 1 intra-op thread on both sides "
         f"(`torch.set_num_threads(1)`, ours `threads=1`), {os.cpu_count()} CPU cores shared with other jobs (times "

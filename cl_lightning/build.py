@@ -86,6 +86,7 @@ def validate_config(cfg: DictConfig) -> None:
     not_count = isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     if threads != "auto" and threads is not None and not_count:
         raise ConfigError(f"threads={threads!r}: must be auto, an integer >= 1, or null (torch's default)")
+    compile_backend(cfg.get("compile"))
     integer("max_tasks", 1, optional=True)
     integer("checkpoint_every_n_steps", 1, optional=True)
     integer("eval_every_n_steps", 1, optional=True)
@@ -108,6 +109,32 @@ def validate_config(cfg: DictConfig) -> None:
             "drop max_tasks (checkpoint_every_n_steps and resume= continue a stopped stream)"
         )
     warn_if_oversubscribed(cfg)
+
+
+def compile_backend(value: Any) -> str | None:
+    """The ``torch.compile`` backend that ``compile`` names: ``false`` none, ``true`` inductor (torch's default),
+    or a backend name from ``torch.compiler.list_backends``; a one-line error for anything else."""
+    if value is None or value is False:
+        return None
+    backend = "inductor" if value is True else value
+    if not isinstance(backend, str) or backend not in torch.compiler.list_backends(exclude_tags=()):
+        usual = ", ".join(torch.compiler.list_backends())  # the experimental and debugging ones left out
+        raise ConfigError(f"compile={value!r}: choose true, false or a torch.compile backend ({usual})")
+    return backend
+
+
+def compile_network(net: torch.nn.Module, value: Any) -> None:
+    """``compile=true``: compile ``net`` in place (``nn.Module.compile``) with the backend ``value`` names.
+
+    In place rather than ``torch.compile(net)``: the network keeps its class, its submodules (a method reaches
+    ``net.head``) and its parameter names, so checkpoints, methods' per-parameter state and teachers (deep copies,
+    which compile their own forward) are the same with or without compilation. Only calls of the whole network
+    are compiled; a method that calls one of its layers, or ``torch.func`` over it, runs that part eagerly.
+    """
+    backend = compile_backend(value)
+    if backend is not None:
+        net.compile(backend=backend)
+        log.info("compile=%s: the network's forward is compiled with torch.compile(backend=%r)", value, backend)
 
 
 def warn_if_oversubscribed(cfg: DictConfig) -> None:

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cl_lightning.build import build_run, validate_config
+from cl_lightning.build import build_run, compile_network, validate_config
 from cl_lightning.cli import CONFIG_DIR, main
 from cl_lightning.data.sources import DatasetNotFoundError
 from cl_lightning.errors import ConfigError, DivergenceError, OtherRunError, RunDirectoryError
@@ -82,6 +82,7 @@ def train(cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run = Run()
         run.module, run.datamodule, run.methods, run.trainer, epochs = build_run(cfg, run_dir.path)
         set_threads(cfg.get("threads"), run)
+        compile_network(run.module.net, cfg.get("compile"))  # after counting the FLOPs of an eager forward
         if resume_state is not None:
             log.info("resuming from %s", ckpt_path)
         trained = run_tasks(cfg, run, epochs, resume_state)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ import torch
 from helpers.cli import run_cli
 from hydra.utils import instantiate
 
+import cl_lightning.train as train_module
+from cl_lightning import build
 from cl_lightning.contract import CLMethod
 from cl_lightning.train import CONFIG_DIR, train
 
@@ -147,3 +151,48 @@ def test_trains_under_bf16_mixed_precision_with_float32_state(make_cfg, name: st
     (method,) = run.methods
     dtypes = {t.dtype for t in _floating(method.state_dict())}
     assert dtypes <= {torch.float32}, f"method={name} keeps {dtypes} state"
+
+
+@pytest.mark.slow  # 2 x 25 short runs; CI runs -m slow
+@pytest.mark.parametrize("name", METHODS)
+def test_trains_with_a_compiled_network_as_without(make_cfg, name: str) -> None:
+    """``compile=aot_eager`` (``torch.compile``'s tracing, without inductor's code generation, which takes tens of
+    seconds a graph on the CPU): every method trains through the compiled forward to the eager run's accuracy
+    matrix and weights, its state keyed by the same parameter names."""
+    eager = train(make_cfg(f"method={name}", *SMALL, "epochs_per_task=1", "max_tasks=2"))
+    compiled_calls: list[bool] = []
+    cfg = make_cfg(f"method={name}", *SMALL, "epochs_per_task=1", "max_tasks=2", "compile=aot_eager")
+    with _recording_compiled_calls(compiled_calls):
+        run = train(cfg)
+    assert any(compiled_calls), "the network's forward ran compiled"
+    assert run["acc_matrix"] == eager["acc_matrix"]
+    for (name_c, p_c), (name_e, p_e) in zip(run.module.net.state_dict().items(), eager.module.net.state_dict().items(),
+                                            strict=True):  # fmt: skip
+        assert name_c == name_e
+        torch.testing.assert_close(p_c, p_e, rtol=1e-4, atol=1e-5)
+    (method,) = run.methods
+    (eager_method,) = eager.methods
+    assert _keys(method.state_dict()) == _keys(eager_method.state_dict())
+
+
+def _keys(state: Any, prefix: str = "") -> set[str]:
+    if isinstance(state, dict):
+        return {k for key, v in state.items() for k in _keys(v, f"{prefix}{key}/")}
+    return {prefix}
+
+
+@contextmanager
+def _recording_compiled_calls(calls: list[bool]) -> Iterator[None]:
+    """Record, at every call of a network built by the run, whether it runs inside ``torch.compile`` (a forward
+    pre-hook on each network :func:`~cl_lightning.build.compile_network` compiles; traced into the graph)."""
+    original = build.compile_network
+
+    def compile_and_record(net: torch.nn.Module, value: Any) -> None:
+        net.register_forward_pre_hook(lambda module, args: calls.append(torch.compiler.is_compiling()))
+        original(net, value)
+
+    train_module.compile_network = compile_and_record
+    try:
+        yield
+    finally:
+        train_module.compile_network = original

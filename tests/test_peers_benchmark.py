@@ -52,6 +52,7 @@ def test_table_medians_ratios_and_bars_per_evaluator() -> None:
         peers.Row(
             "naive", 1.5, [run(2.0), run(3.0), run(1.0)],
             {"slim": [run(4.0), run(5.0), run(6.0)], "default": [run(2.0), run(2.5), run(3.0)]},
+            plain_s=[1.0, 2.5, 2.0],
         ),
         peers.Row("ewc", 2.0, [run(2.0)], {"slim": [run(3.0, steps=1875)], "default": [run(5.0)]}),
         peers.Row("gem", 2.0, [run(2.0)], {"default": [run(6.0)]}, {"slim": "RuntimeError: no solver"}),
@@ -59,15 +60,18 @@ def test_table_medians_ratios_and_bars_per_evaluator() -> None:
     table = peers.markdown_table(rows, both)
     assert table[0].startswith(
         "| method | bar | ours train s | Avalanche train s, slim | Avalanche / ours, slim "
-        "| Avalanche train s, default | Avalanche / ours, default |"
+        "| Avalanche train s, default | Avalanche / ours, default | plain loop train s "
+        "| Avalanche / plain loop (slim / default) |"
     )
     assert len(table) == 2 + len(rows)
     assert all(line.count("|") == table[0].count("|") for line in table)
     naive, ewc, gem = table[2:]
     assert naive == (
-        "| `naive` | >= 1.5x | 2.00 | 5.00 | 2.50 met | 2.50 | 1.25 NOT met | 0.20 | 0.50 / 0.25 | 0.500 "
-        "| 0.500 / 0.500 | 1876 / 1876 / 1876 |"
+        "| `naive` | >= 1.5x | 2.00 | 5.00 | 2.50 met | 2.50 | 1.25 NOT met | 2.00 | 2.50 / 1.25 | 0.20 "
+        "| 0.50 / 0.25 | 0.500 | 0.500 / 0.500 | 1876 / 1876 / 1876 |"
     )
+    assert "| 1.50 NOT met | 5.00 | 2.50 met | - | - / - |" in ewc, "no plain loop of EWC"
+    assert rows[0].ceiling("slim") == 2.5 and rows[1].ceiling("slim") is None
     assert "| 1.50 NOT met | 5.00 | 2.50 met |" in ewc and "1876 / 1875 / 1876" in ewc
     assert "| not run | not measured | 6.00 | 3.00 met |" in gem and "1876 / - / 1876" in gem
     assert peers.bars_summary(rows, "slim") == (
