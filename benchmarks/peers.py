@@ -193,7 +193,8 @@ MATCHED = [
     "(no `drop_last` on either side), so both take the same number of optimizer steps (counted below).",
     "Evaluation: every task's test set before training and after each task on both sides, batches of 1000; "
     "`avg_acc` computed by the same code for both from the final network (argmax over all 10 outputs).",
-    "Threads: one intra-op thread for both (`torch.set_num_threads(1)`, ours `threads=1`), CPU, in one process.",
+    "Threads: one intra-op thread for both (`torch.set_num_threads(1)`, ours `threads=1`) and one BLAS thread for "
+    "NumPy and SciPy (`OPENBLAS_NUM_THREADS=1`), CPU, in one process.",
 ]
 
 NOT_MATCHED = [
@@ -227,10 +228,9 @@ NOT_MATCHED = [
     "(number of past tasks)` from each past task's memory (32, 16, 10, 8: 32, 32, 30, 32 samples).",
     "**GEM's quadratic program.** Ours solves the dual as a non-negative least-squares problem (scipy); Avalanche "
     "calls `quadprog` through `qpsolvers` (both with the ridge 1e-3 on the memories' Gram matrix). Avalanche computes "
-    "the Gram matrix and the projection in NumPy (float64, at every step with a violated constraint), whose BLAS "
-    "thread pool `torch.set_num_threads(1)` does not limit (OpenBLAS, as many threads as cores: a second thread on "
-    "this machine, in Avalanche's favour, which also competes with the other jobs for the second core); ours computes "
-    "them with torch on its one intra-op thread and hands scipy only the small dual.",
+    "the Gram matrix and the projection in NumPy (float64, at every step with a violated constraint); ours computes "
+    "them with torch on its one intra-op thread and hands scipy only the small dual. NumPy's and SciPy's BLAS run "
+    "on one thread too (`OPENBLAS_NUM_THREADS=1`, set by the script before they load).",
     "**SI importance.** Ours integrates the task loss's gradient only (the penalty's gradient is added after it is "
     "recorded) and clamps negative omega to 0; Avalanche integrates the gradient of the whole loss (penalty "
     "included) and clips the importance at 0.001 from above (fixed in its code).",
@@ -691,6 +691,10 @@ def main() -> None:
     if version is None:
         print(INSTALL_HINT, file=sys.stderr)
         raise SystemExit(EXIT_NO_AVALANCHE)
+    # one thread for NumPy's and SciPy's BLAS too (Avalanche's GEM works in NumPy, ours hands SciPy its dual):
+    # set before either is imported, since OpenBLAS reads it when it loads
+    for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     import torch
 
     torch.set_num_threads(1)
