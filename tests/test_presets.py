@@ -112,7 +112,9 @@ VDV = {
         "si": {"method.c": 0.5, "method.xi": 0.1},
     },
 }
-LWF = {"method.alpha": "tasks", "method.temperature": 2.0, "method.class_il_outputs": "seen"}
+LWF = {
+    "method.alpha": "tasks", "method.temperature": 2.0, "method.class_il_outputs": "seen", "method.class_mean": True,
+}  # fmt: skip
 DGR = {
     "method.distill": False, "method.temperature": 2.0, "method.replay_ratio": 1.0, "method.replay_weight": None,
     "method.hidden": [400, 400], "method.z_dim": 100, "method.generator_lr": 0.001,

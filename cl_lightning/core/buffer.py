@@ -39,6 +39,7 @@ restored from it inserts and samples exactly what the original would have.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, NamedTuple
 
 import torch
@@ -109,6 +110,7 @@ class Buffer:
         self.rank: Tensor | None = None  # task-end policies: position of the slot in its group's priority order
         self.class_seen: list[int] = []  # class_balanced: stream elements seen per label
         self._labels: list[int] | None = None  # class_balanced: host copy of y[:size]
+        self._slots: dict[int, list[int]] | None = None  # class_balanced: each label's slots, in slot order
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -219,9 +221,8 @@ class Buffer:
 
     def _add_class_balanced(self, x: Tensor, y: Tensor, tid: Tensor, logits: Tensor | None) -> None:
         labels = self._host_labels()
-        counts: dict[int, int] = {}
-        for c in labels:
-            counts[c] = counts.get(c, 0) + 1
+        slots = self._class_slots()
+        counts = {c: len(s) for c, s in slots.items() if s}
         writes: dict[int, int] = {}
         for k, c in enumerate(y.tolist()):
             if c >= len(self.class_seen):
@@ -231,6 +232,7 @@ class Buffer:
                 slot = self.size
                 self.size += 1
                 labels.append(c)
+                slots.setdefault(c, []).append(slot)  # the largest slot so far: the list stays in slot order
             else:
                 largest = max(counts.values())
                 if self.selection == "gdumb":  # below its share of the memory, or not kept at all
@@ -247,9 +249,10 @@ class Buffer:
                     victim = c
                 else:
                     continue
-                slot = self._nth_of(labels, victim, self._randint(counts[victim]))
+                slot = slots[victim].pop(self._randint(counts[victim]))  # a uniform one of the victim's samples
                 counts[victim] -= 1
                 labels[slot] = c
+                bisect.insort(slots.setdefault(c, []), slot)
             counts[c] = counts.get(c, 0) + 1
             writes[slot] = k
         self.n_seen += len(y)
@@ -261,16 +264,14 @@ class Buffer:
             self._labels = [] if self.y is None else self.y[: self.size].tolist()
         return self._labels
 
-    @staticmethod
-    def _nth_of(labels: list[int], c: int, r: int) -> int:
-        """Slot of the ``r``-th (in slot order) stored sample of class ``c``."""
-        seen = -1
-        for slot, label in enumerate(labels):
-            if label == c:
-                seen += 1
-                if seen == r:
-                    return slot
-        raise IndexError(f"class {c} has fewer than {r + 1} stored samples")
+    def _class_slots(self) -> dict[int, list[int]]:
+        """Each stored label's slots in slot order (kept up to date by the insertions, built from the labels once):
+        the ``r``-th sample of a class is one lookup instead of a scan of the buffer."""
+        if self._slots is None:
+            self._slots = {}
+            for slot, c in enumerate(self._host_labels()):
+                self._slots.setdefault(c, []).append(slot)
+        return self._slots
 
     def _randint(self, high: int) -> int:
         return int(torch.randint(high, (1,), generator=self.generator))
@@ -447,4 +448,4 @@ class Buffer:
         for name in ("x", "y", "task_id", "logits", "group", "rank"):
             value = state.get(name)
             setattr(self, name, None if value is None else value.clone())
-        self._labels = None
+        self._labels = self._slots = None

@@ -175,9 +175,40 @@ def test_seen_outputs_pull_the_new_classes_down_from_the_first_step(make_cfg, mo
     assert first["seen"] > 1e-3
 
 
+@pytest.mark.parametrize("scenario", ["class_il", "task_il"])
+def test_class_mean_averages_each_term_over_its_classes(make_cfg, monkeypatch, scenario: str) -> None:
+    """``class_mean`` (van de Ven & Tolias's 2019 ``loss_fn_kd``: a mean over the batch and the classes): the padded
+    class-IL term is the summed one divided by the number of classes seen so far; in task-IL each old head's term
+    by its 2 classes."""
+    seen: list[tuple[float, float, int]] = []
+    loss_terms = LwF.loss_terms
+
+    def recording(self, pl_module, batch, logits):
+        terms = loss_terms(self, pl_module, batch, logits)
+        if "distill" in terms:
+            self.class_mean = False
+            summed = loss_terms(self, pl_module, batch, logits)["distill"]
+            self.class_mean = True
+            n_seen = int(pl_module.output_masks[: int(pl_module.current_task) + 1].any(0).sum())
+            seen.append((float(terms["distill"].detach()), float(summed.detach()), n_seen if padded else 2))
+        return terms
+
+    padded = scenario == "class_il"
+    monkeypatch.setattr(LwF, "loss_terms", recording)
+    overrides = ["method.alpha=tasks", "method.class_il_outputs=seen", "method.class_mean=true", "max_tasks=3"]
+    train(make_cfg(*QUICK, *overrides, f"dataset.scenario={scenario}"))
+    assert {n for _, _, n in seen} == ({4, 6} if padded else {2})  # tasks 1 and 2 (2 classes each)
+    for term, summed, n_seen in seen:
+        assert term == pytest.approx(summed / n_seen, rel=1e-5, abs=1e-9)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("method.alpha=often", "method.alpha='often'"), ("method.class_il_outputs=new", "method.class_il_outputs='new'")],
+    [
+        ("method.alpha=often", "method.alpha='often'"),
+        ("method.class_il_outputs=new", "method.class_il_outputs='new'"),
+        ("method.class_mean=2", "method.class_mean=2"),
+    ],
 )
 def test_bad_choices_fail_with_the_key(make_cfg, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
