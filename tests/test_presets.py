@@ -116,7 +116,8 @@ LWF = {
     "method.alpha": "tasks", "method.temperature": 2.0, "method.class_il_outputs": "seen", "method.class_mean": True,
 }  # fmt: skip
 DGR = {
-    "method.distill": False, "method.temperature": 2.0, "method.replay_ratio": 1.0, "method.replay_weight": None,
+    "method.distill": False, "method.temperature": 2.0, "method.class_mean": True, "method.replay_ratio": 1.0,
+    "method.replay_weight": None,
     "method.hidden": [400, 400], "method.z_dim": 100, "method.generator_lr": 0.001,
 }  # fmt: skip
 
@@ -157,7 +158,7 @@ ROWS: dict[tuple[str, str], dict[str, Any]] = {
     ("vdv_split_mnist_task_il", "packnet"): {"method.prune_ratio": 0.8, "method.retrain_epochs": 1},
     ("vdv_split_mnist_domain_il", "ewc"): VDV["domain_il"]["ewc"],
     ("vdv_split_mnist_domain_il", "si"): VDV["domain_il"]["si"],
-    ("vdv_split_mnist_domain_il", "lwf"): LWF,
+    ("vdv_split_mnist_domain_il", "lwf"): {**LWF, "method.class_mean": False},  # the sum matches their number
     ("vdv_split_mnist_domain_il", "dgr"): DGR,
     ("vdv_split_mnist_class_il", "ewc"): VDV["class_il"]["ewc"],
     ("vdv_split_mnist_class_il", "online_ewc"): VDV["class_il"]["online_ewc"],

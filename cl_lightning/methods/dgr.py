@@ -45,8 +45,11 @@ class DGR(CLMethod):
         L = CE(f(x), y) + w * L_replay(f(x'), f_{t-1}(x')),      w = t by default
 
     ``L_replay`` is ``CE(f(x'), argmax f_{t-1}(x'))`` (hard targets, Shin et al.) or, with ``distill``, the soft
-    cross-entropy ``-T^2 sum_k p_k log q_k`` with ``p = softmax(f_{t-1}(x')/T)``, ``q = softmax(f(x')/T)`` (van de
-    Ven & Tolias's DGR+distill; it differs from ``T^2 KL(p || q)`` by the teacher's entropy, a constant). The logits
+    cross-entropy ``-T^2 (1/K) sum_k p_k log q_k`` with ``p = softmax(f_{t-1}(x')/T)``, ``q = softmax(f(x')/T)``
+    over the student's ``K`` outputs (van de Ven & Tolias's DGR+distill; it differs from ``T^2 KL(p || q) / K`` by
+    the teacher's entropy, a constant). The mean over the ``K`` classes (``class_mean``, the default) is their
+    ``utils.loss_fn_kd`` at the commit their 2019 paper ran (86802a8: ``(-targets_norm * log_scores_norm).mean()``
+    over the batch and the classes); their later code sums over the classes (``class_mean=false``). The logits
     each target ranges over follow van de Ven & Tolias: class-IL, the classes of the previous tasks (those ``f_{t-1}``
     was trained on; the student's softmax runs over every class seen, targets zero on the current task's);
     domain-IL, every output; task-IL, ``x'`` is replayed once per previous task ``j`` with task ``j``'s head for the
@@ -85,6 +88,8 @@ class DGR(CLMethod):
     Args:
         distill: Soft targets at temperature ``temperature`` instead of the previous solver's hard labels.
         temperature: ``T > 0`` of the soft targets.
+        class_mean: With ``distill``, average the soft cross-entropy over the student's classes (``K``) instead of
+            summing it (see above).
         replay_ratio: Replayed samples per current sample (per process), ``> 0``.
         replay_weight: ``w >= 0``; ``None``: the number of previous tasks (van de Ven & Tolias's weighting).
         hidden: Widths of the generator's encoder (the decoder mirrors them).
@@ -101,6 +106,7 @@ class DGR(CLMethod):
         self,
         distill: bool = False,
         temperature: float = 2.0,
+        class_mean: bool = True,
         replay_ratio: float = 1.0,
         replay_weight: float | None = None,
         hidden: tuple[int, ...] | list[int] = (400, 400),
@@ -114,6 +120,9 @@ class DGR(CLMethod):
             raise ConfigError(f"method.distill={distill!r}: must be true or false")
         self.distill = distill
         self.temperature = check_number("method.temperature", temperature, strict=True)
+        if not isinstance(class_mean, bool):
+            raise ConfigError(f"method.class_mean={class_mean!r}: must be true or false")
+        self.class_mean = class_mean
         self.replay_ratio = check_number("method.replay_ratio", replay_ratio, strict=True)
         self.replay_weight = None if replay_weight is None else check_number("method.replay_weight", replay_weight)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
@@ -198,7 +207,9 @@ class DGR(CLMethod):
         t = self.temperature
         p = F.softmax(teacher.float() / t, 1)
         log_q = F.log_softmax(student.float() / t, 1)
-        return -torch.where(p > 0, p * log_q, 0.0).sum(1).mean() * t**2
+        loss = -torch.where(p > 0, p * log_q, 0.0).sum(1).mean() * t**2
+        # K: the outputs the student's softmax covers (its training logits mask the others with -inf)
+        return loss / torch.isfinite(student[0]).sum() if self.class_mean else loss
 
     @override
     def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ def checkpoint(cfg) -> dict:
         ("method.replay_ratio=0", "method.replay_ratio=0: must be a number > 0"),
         ("method.replay_weight=-1", "method.replay_weight=-1: must be a number >= 0"),
         ("method.distill=1", "method.distill=1: must be true or false"),
+        ("method.class_mean=yes", "method.class_mean='yes': must be true or false"),
         ("method.z_dim=0", "method.z_dim=0: must be an integer >= 1"),
         ("method.hidden=[0]", "method.hidden=[0]"),
         ("method.generator_lr=0", "method.generator_lr=0"),
@@ -98,11 +99,12 @@ def record_replay(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         ("task_il", 2, [[0, 1], [2, 3]]),  # the samples replayed once per previous task, with its head
     ],
 )
-@pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.parametrize(("distill", "class_mean"), [(False, True), (True, True), (True, False)])
 def test_pseudo_labels_come_from_the_previous_model(
-    make_cfg, monkeypatch, scenario: str, tasks_before: int, allowed: list[list[int]], distill: bool
+    make_cfg, monkeypatch, scenario: str, tasks_before: int, allowed: list[list[int]], distill: bool, class_mean: bool
 ) -> None:
-    common = [*SMALL, f"dataset.scenario={scenario}", f"method.distill={str(distill).lower()}", "epochs_per_task=2"]
+    common = [*SMALL, f"dataset.scenario={scenario}", f"method.distill={str(distill).lower()}", "epochs_per_task=2",
+              f"method.class_mean={str(class_mean).lower()}"]  # fmt: skip
     first = make_cfg(*common, f"max_tasks={tasks_before}")
     train(first)
     ckpt = checkpoint(first)
@@ -132,7 +134,11 @@ def test_pseudo_labels_come_from_the_previous_model(
         else:
             p = F.softmax(expected[:, mask] / 2, 1)
             log_q = F.log_softmax(student / 2, 1)[:, mask]
-            assert torch.allclose(call["loss"], -(p * log_q).sum(1).mean() * 4, atol=1e-5), "T^2 soft CE, T = 2"
+            # the student's classes: those seen (class-IL, 2 tasks), the shared head's or the replayed task's 2
+            k = {"class_il": 4, "domain_il": 2, "task_il": 2}[scenario] if class_mean else 1
+            assert int(torch.isfinite(student[0]).sum()) == {"class_il": 4, "domain_il": 2, "task_il": 2}[scenario]
+            expected_loss = -(p * log_q).sum(1).mean() * 4 / k
+            assert torch.allclose(call["loss"], expected_loss, atol=1e-5), "T^2 soft CE, T = 2, over the K classes"
         if scenario == "class_il":
             assert torch.isfinite(student[:, :4]).all() and torch.isinf(student[:, 4:]).all(), "seen classes"
 
