@@ -76,11 +76,11 @@ class LwF(CLMethod):
             ``lambda_o`` is ``alpha * T^2`` (see above). ``"tasks"``: van de Ven & Tolias's weighting (see above).
         temperature: ``T > 0``.
         class_il_outputs: ``old`` or ``seen`` (see above); read in class-IL only.
-        class_mean: Average each distribution's term over its classes instead of summing it (divide by the
-            classes of its softmax: the seen ones with ``seen``, padded ones included; an old head's or the old
-            classes' otherwise): the ``utils.loss_fn_kd`` of van de Ven & Tolias's code as the 2019 paper ran it
-            (commit 86802a8), ``(-targets * log_q).mean()`` over the batch and the classes; their later versions
-            sum over the classes.
+        class_mean: Average each distribution's term over its classes instead of summing it, dividing by the
+            classes of its softmax: with ``seen``, those the student trains on, padded ones included (the seen
+            classes, or all with ``module.train_outputs=all``); an old head's or the old classes' otherwise. This
+            is the ``utils.loss_fn_kd`` of van de Ven & Tolias's code as the 2019 paper ran it (commit 86802a8),
+            ``(-targets * log_q).mean()`` over the batch and the classes; their later versions sum over them.
     """
 
     name: ClassVar[str] = "lwf"
@@ -109,7 +109,6 @@ class LwF(CLMethod):
         self._groups: Tensor | list[Tensor] | None = None  # of the current task, set at its start
         self._weight = 0.0  # alpha for the current task
         self._padded: tuple[Tensor, Tensor] | None = None
-        self._n_seen = 1
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -146,8 +145,6 @@ class LwF(CLMethod):
         padded = pl_module.scenario == "class_il" and self.class_il_outputs == "seen" and task > 0
         old = pl_module.output_masks[:task].any(0)
         self._padded = (torch.ones_like(old), old) if padded else None  # (student's outputs, teacher's outputs)
-        # classes the student's softmax covers (its training logits mask the others): the seen ones
-        self._n_seen = int(pl_module.output_masks[: task + 1].any(0).sum())
 
     @override
     def on_task_start(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
@@ -163,8 +160,8 @@ class LwF(CLMethod):
             # the student's distribution is over the outputs it trains on: its masked training logits
             student = pl_module.training_logits(logits, batch.task_id)
             loss = padded_distillation_loss(student, teacher_logits, *self._padded, self.temperature)
-            if self.class_mean:
-                loss = loss / self._n_seen
+            if self.class_mean:  # over the classes of the student's softmax (its training logits mask the others)
+                loss = loss / torch.isfinite(student[0]).sum()
         elif self.class_mean:  # each group's term over its own classes
             groups = list(self._groups)
             loss = sum(distillation_loss(logits, teacher_logits, [g], self.temperature) / len(g) for g in groups)

@@ -175,8 +175,8 @@ def test_seen_outputs_pull_the_new_classes_down_from_the_first_step(make_cfg, mo
     assert first["seen"] > 1e-3
 
 
-@pytest.mark.parametrize("scenario", ["class_il", "task_il"])
-def test_class_mean_averages_each_term_over_its_classes(make_cfg, monkeypatch, scenario: str) -> None:
+@pytest.mark.parametrize(("scenario", "outputs"), [("class_il", "seen"), ("class_il", "all"), ("task_il", "seen")])
+def test_class_mean_averages_each_term_over_its_classes(make_cfg, monkeypatch, scenario: str, outputs: str) -> None:
     """``class_mean`` (van de Ven & Tolias's 2019 ``loss_fn_kd``: a mean over the batch and the classes): the padded
     class-IL term is the summed one divided by the number of classes seen so far; in task-IL each old head's term
     by its 2 classes."""
@@ -190,14 +190,16 @@ def test_class_mean_averages_each_term_over_its_classes(make_cfg, monkeypatch, s
             summed = loss_terms(self, pl_module, batch, logits)["distill"]
             self.class_mean = True
             n_seen = int(pl_module.output_masks[: int(pl_module.current_task) + 1].any(0).sum())
-            seen.append((float(terms["distill"].detach()), float(summed.detach()), n_seen if padded else 2))
+            n = (n_seen if outputs == "seen" else 10) if padded else 2
+            seen.append((float(terms["distill"].detach()), float(summed.detach()), n))
         return terms
 
     padded = scenario == "class_il"
     monkeypatch.setattr(LwF, "loss_terms", recording)
     overrides = ["method.alpha=tasks", "method.class_il_outputs=seen", "method.class_mean=true", "max_tasks=3"]
-    train(make_cfg(*QUICK, *overrides, f"dataset.scenario={scenario}"))
-    assert {n for _, _, n in seen} == ({4, 6} if padded else {2})  # tasks 1 and 2 (2 classes each)
+    train(make_cfg(*QUICK, *overrides, f"dataset.scenario={scenario}", f"module.train_outputs={outputs}"))
+    expected = ({4, 6} if outputs == "seen" else {10}) if padded else {2}  # tasks 1 and 2, 2 classes each
+    assert {n for _, _, n in seen} == expected
     for term, summed, n_seen in seen:
         assert term == pytest.approx(summed / n_seen, rel=1e-5, abs=1e-9)
 
