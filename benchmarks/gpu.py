@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from replay_speed import compose_run
-from step_cost import revision
+from step_cost import Reservoir, revision
 
 from cl_lightning.build import build_model
 from cl_lightning.data.files import SourceData
@@ -144,33 +144,6 @@ def ours(setting: Setting, compiled: bool, seed: int) -> float:
     return timer.seconds
 
 
-class Reservoir:
-    """A reservoir buffer (Vitter's algorithm R) of ``uint8`` inputs, labels and logits on the device."""
-
-    def __init__(self, capacity: int, shape: tuple[int, ...], n_outputs: int, device: torch.device, seed: int):
-        self.capacity, self.seen, self.device = capacity, 0, device
-        self.x = torch.zeros((capacity, *shape), dtype=torch.uint8, device=device)
-        self.y = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.z = torch.zeros(capacity, n_outputs, device=device)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def add(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> None:
-        slots, src = [], []
-        for k, u in enumerate(torch.rand(len(y), generator=self.gen, dtype=torch.float64).tolist()):
-            j = self.seen if self.seen < self.capacity else int(u * (self.seen + 1))
-            if j < self.capacity:
-                slots.append(j)
-                src.append(k)
-            self.seen += 1
-        if slots:
-            dst, idx = torch.tensor(slots, device=self.device), torch.tensor(src, device=self.device)
-            self.x[dst], self.y[dst], self.z[dst] = x[idx], y[idx], z[idx]
-
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(min(self.seen, self.capacity), generator=self.gen)[:n].to(self.device)
-        return self.x[idx], self.y[idx], self.z[idx]
-
-
 def plain(setting: Setting, compiled: bool, seed: int) -> float:
     """Seconds of the timed steps of the setting written as a plain PyTorch loop."""
     a = setting.args
@@ -187,9 +160,7 @@ def plain(setting: Setting, compiled: bool, seed: int) -> float:
     task = dm.tasks[0]
     x_all, y_all = task.train_x.to(device), task.train_y.to(device)
     derpp = setting.method == "derpp"
-    buffer = (
-        Reservoir(int(cfg.method.buffer_size), tuple(x_all.shape[1:]), dm.n_outputs, device, seed) if derpp else None
-    )
+    buffer = Reservoir(int(cfg.method.buffer_size), x_all, dm.n_outputs, seed, device) if derpp else None
     gen = torch.Generator().manual_seed(seed)
     order = torch.cat(
         [torch.randperm(len(y_all), generator=gen) for _ in range(a.steps * a.batch_size // len(y_all) + 1)]

@@ -98,13 +98,14 @@ def ours(protocol: Protocol, seed: int) -> float:
 
 # ---------------------------------------------------------------------- the plain loop
 class Reservoir:
-    """A plain reservoir buffer (Vitter's algorithm R) of stored inputs, labels and, optionally, logits."""
+    """A plain reservoir buffer (Vitter's algorithm R) of stored inputs (as given), labels and, optionally, logits,
+    on ``device``; the draws on the host."""
 
-    def __init__(self, capacity: int, x: torch.Tensor, n_outputs: int, seed: int) -> None:
-        self.capacity, self.seen = capacity, 0
-        self.x = torch.zeros((capacity, *x.shape[1:]), dtype=x.dtype)
-        self.y = torch.zeros(capacity, dtype=torch.long)
-        self.z = torch.zeros(capacity, n_outputs)
+    def __init__(self, capacity: int, x: torch.Tensor, n_outputs: int, seed: int, device: str | torch.device = "cpu"):
+        self.capacity, self.seen, self.device = capacity, 0, torch.device(device)
+        self.x = torch.zeros((capacity, *x.shape[1:]), dtype=x.dtype, device=self.device)
+        self.y = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        self.z = torch.zeros(capacity, n_outputs, device=self.device)
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -119,14 +120,15 @@ class Reservoir:
                 src.append(k)
             self.seen += 1
         if slots:
-            dst, idx = torch.tensor(slots), torch.tensor(src)
+            dst, idx = torch.tensor(slots, device=self.device), torch.tensor(src, device=self.device)
             self.x[dst], self.y[dst] = x[idx], y[idx]
             if z is not None:
                 self.z[dst] = z[idx]
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(len(self), generator=self.gen)[:n]
-        return self.x[idx].float().div_(255.0), self.y[idx], self.z[idx]
+        """``n`` stored samples (inputs as stored), their labels and logits."""
+        idx = torch.randperm(len(self), generator=self.gen)[:n].to(self.device)
+        return self.x[idx], self.y[idx], self.z[idx]
 
 
 def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
@@ -158,6 +160,7 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
             replays = (
                 [] if buffer is None or not len(buffer) else [buffer.sample(r) for _ in range(1 + (method == "derpp"))]
             )
+            replays = [(xr.float().div_(255.0), yr, zr) for xr, yr, zr in replays]
             if fused and replays:
                 outs = net(torch.cat([x, *(rep[0] for rep in replays)])).split(
                     [len(y), *(len(rep[1]) for rep in replays)]

@@ -58,3 +58,16 @@ def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}")
     return str(value)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """``value`` if it is ``true`` or ``false``.
+
+    >>> check_bool("method.distill", 1)
+    Traceback (most recent call last):
+    ...
+    cl_lightning.errors.ConfigError: method.distill=1: must be true or false
+    """
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    return value

@@ -32,9 +32,16 @@ def output_groups(masks: Tensor) -> Tensor | list[Tensor]:
 
 
 def distillation_loss(
-    student_logits: Tensor, teacher_logits: Tensor, groups: Tensor | Sequence[Tensor], temperature: float = 2.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    groups: Tensor | Sequence[Tensor],
+    temperature: float = 2.0,
+    class_mean: bool = False,
 ) -> Tensor:
     """``T^2 * sum_g KL(softmax(teacher_g / T) || softmax(student_g / T))``, averaged over the batch.
+
+    With ``class_mean`` each group's term is divided by its number of classes ``|g|`` (van de Ven & Tolias's
+    ``loss_fn_kd`` in the code of their 2019 paper: a mean over the batch and the classes).
 
     Each group ``g`` (a set of logit indices: an old task's head, or the old classes) is its own distribution. The
     ``T^2`` factor keeps the gradient's scale independent of ``T`` (Hinton et al. 2015, section 2: the soft targets'
@@ -47,6 +54,7 @@ def distillation_loss(
         teacher_logits: ``[B, K]``, constants.
         groups: ``[G, k]`` index tensor (equal groups, vectorised) or a sequence of 1-D index tensors.
         temperature: ``T > 0``.
+        class_mean: Divide each group's term by its number of classes.
 
     Example:
         >>> z = torch.tensor([[1.0, 2.0, 0.0, 3.0]])
@@ -57,6 +65,8 @@ def distillation_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
+    if class_mean:
+        return sum(distillation_loss(student_logits, teacher_logits, [g], temperature) / len(g) for g in groups)
     teacher_logits = teacher_logits.detach()
     if isinstance(groups, Tensor) and groups.dim() == 2:
         groups = groups.to(student_logits.device)
@@ -76,10 +86,17 @@ def distillation_loss(
 
 
 def padded_distillation_loss(
-    student_logits: Tensor, teacher_logits: Tensor, student_outputs: Tensor, teacher_outputs: Tensor, temperature: float
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_outputs: Tensor,
+    teacher_outputs: Tensor,
+    temperature: float,
+    class_mean: bool = False,
 ) -> Tensor:
     """``T^2 * KL(p || q)`` with ``q`` the student's softmax over ``student_outputs`` and ``p`` the teacher's softmax
     over ``teacher_outputs`` (a subset), padded with zero probability on the student's other outputs; batch mean.
+    With ``class_mean``, divided by the number of classes ``q`` covers (its finite logits inside
+    ``student_outputs``), as van de Ven & Tolias's ``loss_fn_kd`` in the code of their 2019 paper.
 
     Van de Ven & Tolias's (2019) class-incremental distillation (their ``loss_fn_kd`` appends zeros to the targets):
     the student's distribution covers every class seen so far, the current task's included, and the targets put no
@@ -92,6 +109,7 @@ def padded_distillation_loss(
         student_outputs: ``[K]`` boolean mask.
         teacher_outputs: ``[K]`` boolean mask, contained in ``student_outputs``.
         temperature: ``T > 0``.
+        class_mean: Divide by the number of the student's classes.
 
     Example:
         >>> z = torch.tensor([[2.0, 0.0, 5.0]])
@@ -108,4 +126,5 @@ def padded_distillation_loss(
     log_p = F.log_softmax(teacher_logits.detach().to(log_q.dtype).masked_fill(~teacher_outputs, float("-inf")) / t, -1)
     p = log_p.exp()
     kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(1)
-    return kl.mean() * t**2
+    loss = kl.mean() * t**2
+    return loss / torch.isfinite(log_q[0]).sum() if class_mean else loss

@@ -19,7 +19,7 @@ from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.replay import gather
 from cl_lightning.models.backbones import net_logits, routes_by_task
-from cl_lightning.validation import check_int, check_number
+from cl_lightning.validation import check_bool, check_int, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -116,13 +116,9 @@ class DGR(CLMethod):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(distill, bool):
-            raise ConfigError(f"method.distill={distill!r}: must be true or false")
-        self.distill = distill
+        self.distill = check_bool("method.distill", distill)
         self.temperature = check_number("method.temperature", temperature, strict=True)
-        if not isinstance(class_mean, bool):
-            raise ConfigError(f"method.class_mean={class_mean!r}: must be true or false")
-        self.class_mean = class_mean
+        self.class_mean = check_bool("method.class_mean", class_mean)
         self.replay_ratio = check_number("method.replay_ratio", replay_ratio, strict=True)
         self.replay_weight = None if replay_weight is None else check_number("method.replay_weight", replay_weight)
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):

@@ -13,7 +13,7 @@ from cl_lightning.core.distill import distillation_loss, output_groups, padded_d
 from cl_lightning.core.teacher import Teacher
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.base import CLMethod
-from cl_lightning.validation import check_choice, check_number
+from cl_lightning.validation import check_bool, check_choice, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -102,9 +102,7 @@ class LwF(CLMethod):
             self.alpha = check_number("method.alpha", alpha)
         self.temperature = check_number("method.temperature", temperature, strict=True)
         self.class_il_outputs = check_choice("method.class_il_outputs", class_il_outputs, ("old", "seen"))
-        if not isinstance(class_mean, bool):
-            raise ConfigError(f"method.class_mean={class_mean!r}: must be true or false")
-        self.class_mean = class_mean
+        self.class_mean = check_bool("method.class_mean", class_mean)
         self.old = Teacher()  # the network copied at the last task end
         self._groups: Tensor | list[Tensor] | None = None  # of the current task, set at its start
         self._weight = 0.0  # alpha for the current task
@@ -159,14 +157,11 @@ class LwF(CLMethod):
         if self._padded is not None:
             # the student's distribution is over the outputs it trains on: its masked training logits
             student = pl_module.training_logits(logits, batch.task_id)
-            loss = padded_distillation_loss(student, teacher_logits, *self._padded, self.temperature)
-            if self.class_mean:  # over the classes of the student's softmax (its training logits mask the others)
-                loss = loss / torch.isfinite(student[0]).sum()
-        elif self.class_mean:  # each group's term over its own classes
-            groups = list(self._groups)
-            loss = sum(distillation_loss(logits, teacher_logits, [g], self.temperature) / len(g) for g in groups)
+            loss = padded_distillation_loss(
+                student, teacher_logits, *self._padded, self.temperature, class_mean=self.class_mean
+            )
         else:
-            loss = distillation_loss(logits, teacher_logits, self._groups, self.temperature)
+            loss = distillation_loss(logits, teacher_logits, self._groups, self.temperature, self.class_mean)
         return {"distill": self._weight * loss}
 
     @override

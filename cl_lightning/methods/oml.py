@@ -14,7 +14,7 @@ from cl_lightning.core.meta import MetaBatch, meta_loss
 from cl_lightning.errors import ConfigError
 from cl_lightning.methods.replay import ReplayMethod
 from cl_lightning.models.backbones import routes_by_task
-from cl_lightning.validation import check_choice, check_int, check_number
+from cl_lightning.validation import check_bool, check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from cl_lightning.data.batch import Batch
@@ -103,9 +103,7 @@ class OML(ReplayMethod):
         super().__init__(buffer_size, replay_batch_size, "reservoir", seed)
         self.inner_steps = check_int("method.inner_steps", inner_steps)
         self.inner_lr = check_number("method.inner_lr", inner_lr)
-        if not isinstance(first_order, bool):
-            raise ConfigError(f"method.first_order={first_order!r}: must be true or false")
-        self.first_order = first_order
+        self.first_order = check_bool("method.first_order", first_order)
         self.adapt = check_choice("method.adapt", adapt, ADAPT)
         self.inner_batch = check_choice("method.inner_batch", inner_batch, INNER_BATCH)
         self._adapted: set[str] | None = None  # parameter names the inner steps update (None: all)

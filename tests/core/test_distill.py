@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cl_lightning.core.distill import distillation_loss, output_groups
+from cl_lightning.core.distill import distillation_loss, output_groups, padded_distillation_loss
 
 
 def reference(student: torch.Tensor, teacher: torch.Tensor, groups: list[list[int]], t: float) -> torch.Tensor:
@@ -82,3 +82,17 @@ def test_padded_loss_is_the_kl_to_targets_with_zeros_on_the_new_outputs() -> Non
     # same outputs for both: the plain distillation of one group
     same = padded_distillation_loss(student, teacher, old, old, t)
     assert same.item() == pytest.approx(distillation_loss(student, teacher, [torch.tensor([0, 1])], t).item(), rel=1e-5)
+
+
+def test_class_mean_divides_each_group_and_the_padded_term_by_its_classes() -> None:
+    """van de Ven & Tolias's 2019 ``loss_fn_kd`` (a mean over the batch and the classes): each group's term over
+    its own classes; the padded term over the student's finite logits."""
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    groups = [torch.tensor([0, 1]), torch.tensor([2, 3, 4])]
+    expected = distillation_loss(s, t, groups[:1]) / 2 + distillation_loss(s, t, groups[1:]) / 3
+    torch.testing.assert_close(distillation_loss(s, t, groups, class_mean=True), expected)
+    student = s.masked_fill(torch.tensor([False, False, False, True, True]), float("-inf"))  # 3 classes seen
+    seen, old = torch.ones(5, dtype=torch.bool), torch.tensor([True, True, False, False, False])
+    summed = padded_distillation_loss(student, t, seen, old, 2.0)
+    torch.testing.assert_close(padded_distillation_loss(student, t, seen, old, 2.0, class_mean=True), summed / 3)
