@@ -3,7 +3,9 @@
 A method changes training through four doors only (``CONVENTIONS.md``, rule 3):
 
 1. **loss terms** -- :meth:`CLMethod.loss_terms` returns named extra losses; :class:`~cl_lightning.models.CLModule`
-   adds them to the task loss and logs each by name (no callback hook can replace the loss);
+   adds them to the task loss and logs each by name (no callback hook can replace the loss). Inputs a method's
+   terms forward through the network (replay batches) it gives beforehand in :meth:`CLMethod.step_inputs`, and the
+   module forwards them with the current batch (one pass where that is exact);
 2. **gradient edits** -- Lightning's ``on_before_optimizer_step`` (after AMP unscaling);
 3. **task events** -- :meth:`CLMethod.on_task_start` / :meth:`CLMethod.on_task_end`, called by the module from
    inside ``trainer.fit`` (so the strategy, the optimizer and the process group exist), at most once per task even
@@ -135,6 +137,19 @@ class CLMethod(pl.Callback):
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: CLModule, task_id: int) -> None:
         """Called once when training on ``task_id`` has finished, before it is evaluated."""
+
+    def step_inputs(self, pl_module: CLModule, batch: Batch) -> Sequence[tuple[Tensor, Tensor]]:
+        """Network inputs and their per-sample task ids that this step's :meth:`loss_terms` needs the network's
+        logits of, such as replay batches (default: none; the module calls only the methods that override it).
+
+        Called by the module in every training step before it forwards the current batch, after it has prepared
+        (augmented) that batch; the parameters are those the step's gradient is taken at. The module forwards the
+        inputs with the current batch, in one pass over their concatenation when that gives each sample the logits
+        of its own pass (:attr:`CLModule.fuses_forward`: no layer normalises with batch statistics), and otherwise
+        one pass each, in order. :meth:`loss_terms` reads the logits, in the order given, from
+        ``pl_module.step_outputs(self)``: part of the autograd graph.
+        """
+        return ()
 
     def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         """Extra loss terms for this training step, by name (summed with the task loss by the module).

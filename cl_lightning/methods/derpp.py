@@ -12,6 +12,7 @@ from cl_lightning.methods.der import DER
 from cl_lightning.validation import check_number
 
 if TYPE_CHECKING:
+    from cl_lightning.core.buffer import BufferSample
     from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
@@ -26,7 +27,9 @@ class DERpp(DER):
         L = CE(f(x), y) + alpha * E_{(x', z') ~ M} ||f(aug(x')) - z'||^2
                         + beta * E_{(x'', y'') ~ M} CE(f(aug(x'')), y'')
 
-    Both batches are drawn, in that order, before the current batch is inserted (Mammoth's order). The label term
+    Both batches are drawn, in that order, before the current batch is inserted (Mammoth's order). Without batch
+    statistics in the network the current batch, A and B go through it in one pass over their concatenation
+    (``module.fused_forward=auto``; Mammoth forwards each on its own, which with batch norm we keep). The label term
     corrects DER when the stored logits are from an early, poor network or the distribution shifts abruptly.
     Not PyCIL's "DER" (Yan et al. 2021, dynamically expandable representations), a different method.
 
@@ -47,9 +50,16 @@ class DERpp(DER):
         self.beta = check_number("method.beta", beta)
 
     @override
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
+        drawn = super().replay_draws(pl_module, batch)  # A
+        if (replay := self.draw(pl_module)) is not None:  # B, drawn after and independently of A
+            drawn.append(replay)
+        return drawn
+
+    @override
     def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         terms = super().replay_terms(pl_module, batch, logits)
-        if (replay := self.draw(pl_module)) is not None:  # B, drawn after and independently of DER's A
-            out = pl_module(replay.x, replay.task_id)
+        if len(replayed := self.replayed(pl_module)) == 2:
+            replay, out = replayed[1]
             terms["replay"] = self.beta * F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
         return terms

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from cl_lightning.core.buffer import STREAMING_SELECTIONS
+from cl_lightning.core.buffer import STREAMING_SELECTIONS, BufferSample
 from cl_lightning.loggers import log_metrics
 from cl_lightning.methods.replay import ReplayMethod
 
@@ -40,8 +40,10 @@ class ER(ReplayMethod):
     computation). ``er/replay`` is therefore negative when the replayed samples are fitted better than the new
     ones; the replayed batch's own mean is logged as ``train/er/replay_ce`` every ``module.log_every_n_steps``.
     With a method that replaces the task loss (there is no ``CE_b`` to share a mean with), the term is ``CE_r``.
-    The two batches go through the network in two forward passes (the module's and the replay's), so BatchNorm
-    layers, in training mode, normalise each with its own statistics (Mammoth forwards the concatenation once).
+    The two batches go through the network in one forward pass over their concatenation, as in Mammoth, when the
+    network has no batch statistics (``module.fused_forward=auto``); with batch norm they go in two passes, so that
+    each is normalised with its own statistics (``module.fused_forward=true`` normalises them together, as
+    Mammoth's code does).
 
     The buffer (see :mod:`cl_lightning.core.buffer`) is filled by ``selection``: ``reservoir`` (the default, as in
     Mammoth's ER) and ``class_balanced`` insert the current batch every step *after* the replay batch is drawn
@@ -66,11 +68,15 @@ class ER(ReplayMethod):
         super().__init__(buffer_size, replay_batch_size, selection, seed)
 
     @override
-    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
         replay = self.draw(pl_module)
-        if replay is None:
+        return [] if replay is None else [replay]
+
+    @override
+    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        if not (replayed := self.replayed(pl_module)):
             return {}
-        out = pl_module(replay.x, replay.task_id)
+        ((replay, out),) = replayed
         replay_ce = F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)
         term = self.union_term(pl_module, batch, logits, replay_ce, len(replay.y))
         # the union term is not the replayed batch's loss: log that one too, at the module's logging interval

@@ -12,6 +12,7 @@ from typing_extensions import override
 from cl_lightning.methods.replay import ReplayMethod
 
 if TYPE_CHECKING:
+    from cl_lightning.core.buffer import BufferSample
     from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
@@ -38,10 +39,11 @@ class ERACE(ReplayMethod):
     index order); here those are already out of every training loss by the class-IL mask of unseen classes
     (``module.train_outputs=seen``, the default) and in it with ``train_outputs=all``, as in theirs.
 
-    The method is task-free: the reservoir takes every batch after the step's replay is drawn (ER's order), and it
-    runs on ``dataset.stream=online``. Its objective is the whole loss (:meth:`replaces_task_loss`); the module
-    still logs the plain task loss. DDP: the buffer is identical on every rank (:class:`ReplayMethod`); each rank's
-    incoming mask is that of its own batch, like its loss.
+    The method is task-free: the reservoir takes every batch after the step's replay is drawn (ER's order), and it runs
+    on ``dataset.stream=online``. The replayed batch goes through the network with the incoming one, in one pass over
+    both when the network has no batch statistics (``module.fused_forward=auto``), as their code does. Its objective is
+    the whole loss (:meth:`replaces_task_loss`); the module still logs the plain task loss. DDP: the buffer is identical
+    on every rank (:class:`ReplayMethod`); each rank's incoming mask is that of its own batch, like its loss.
 
     Args:
         buffer_size: Slots of the reservoir buffer.
@@ -66,11 +68,15 @@ class ERACE(ReplayMethod):
         return F.cross_entropy(z.masked_fill(~present, float("-inf")), batch.y)
 
     @override
-    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
         replay = self.draw(pl_module)
-        if replay is None:
+        return [] if replay is None else [replay]
+
+    @override
+    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        if not (replayed := self.replayed(pl_module)):
             return {"incoming": F.cross_entropy(pl_module.training_logits(logits, batch.task_id), batch.y)}
-        out = pl_module(replay.x, replay.task_id)
+        ((replay, out),) = replayed
         return {
             "incoming": self.incoming_loss(pl_module, batch, logits),
             "replay": F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y),

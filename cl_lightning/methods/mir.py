@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.func import functional_call, grad
 from typing_extensions import override
 
+from cl_lightning.core.buffer import BufferSample
 from cl_lightning.methods.replay import ReplayMethod
 from cl_lightning.models.backbones import routes_by_task
 from cl_lightning.validation import check_int
@@ -49,7 +50,9 @@ class MIR(ReplayMethod):
     matches one process with the global batch (theirs run on one process).
 
     Cost per step: one extra forward and backward of the incoming batch (the virtual gradient), two forwards of the
-    candidates without gradients, and the replayed batch's forward and backward.
+    candidates without gradients, and the replayed batch's forward and backward (in one pass with the incoming
+    batch's when the network has no batch statistics, ``module.fused_forward=auto``). The candidates are scored
+    before the step's forward pass, at the same weights.
 
     Args:
         buffer_size: Slots of the reservoir buffer.
@@ -105,12 +108,17 @@ class MIR(ReplayMethod):
         return after - before
 
     @override
-    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
         candidates = self.draw(pl_module, self.subsample)
         if candidates is None:
-            return {}
+            return []
         k = min(self.replay_batch_size, len(candidates.y))
         chosen = self.scores(pl_module, batch, candidates.x, candidates).topk(k).indices
-        x, y, tid = candidates.x[chosen], candidates.y[chosen], candidates.task_id[chosen]
-        out = pl_module(x, tid)
-        return {"replay": F.cross_entropy(pl_module.training_logits(out, tid), y)}
+        return [BufferSample(*(None if v is None else v[chosen] for v in candidates))]
+
+    @override
+    def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
+        if not (replayed := self.replayed(pl_module)):
+            return {}
+        ((replay, out),) = replayed
+        return {"replay": F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)}

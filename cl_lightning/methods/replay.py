@@ -13,7 +13,9 @@ little else (Mammoth's ``ContinualModel`` + ``Buffer``; ``CONVENTIONS.md``, rule
 - task-end selection (``herding``, ``kcenter``, ``random``) from the finished task's training data, once per task
   even across a resume, rebalancing the buffer or keeping ``buffer_size // n_tasks`` samples per task (GEM's and
   A-GEM's episodic memories: :func:`per_task_quota`, :func:`fill_from_task`, :func:`task_features`);
-- replay batches drawn and prepared like training batches (:meth:`ReplayMethod.draw`);
+- replay batches drawn and prepared like training batches (:meth:`ReplayMethod.draw`), before the current batch is
+  forwarded, so that the module forwards them with it (:meth:`ReplayMethod.replay_draws`,
+  :meth:`ReplayMethod.replayed`);
 - a warning when the buffer is larger than all the run's training data (:func:`check_buffer_fits`);
 - ``state_dict`` with CPU tensors only (``torch.load(weights_only=True)`` reads it on any machine).
 
@@ -28,17 +30,21 @@ A replay method subclasses :class:`ReplayMethod` and writes :meth:`~ReplayMethod
             super().__init__(buffer_size, replay_batch_size, "reservoir", seed)
             self.beta = check_number("method.beta", beta)
 
-        def replay_terms(self, pl_module, batch, logits):
+        def replay_draws(self, pl_module, batch):
             replay = self.draw(pl_module)  # None while the buffer is empty
-            if replay is None:
+            return [] if replay is None else [replay]
+
+        def replay_terms(self, pl_module, batch, logits):
+            if not (replayed := self.replayed(pl_module)):  # the draws, with the network's logits of them
                 return {}
-            out = pl_module(replay.x, replay.task_id)
+            ((replay, out),) = replayed
             return {"replay": self.beta * F.cross_entropy(pl_module.training_logits(out, replay.task_id), replay.y)}
 
-with its ``conf/method/label_replay.yaml``. Class attributes choose the rest: :attr:`~ReplayMethod.selections` (the
-policies ``method.selection`` may name), :attr:`~ReplayMethod.stores_logits` (DER's logits of insertion time),
-:attr:`~ReplayMethod.memory_per_task` (GEM's fixed memory per task). A method that edits gradients instead (A-GEM)
-returns no loss term and draws in ``on_before_optimizer_step``.
+with its ``conf/method/label_replay.yaml``. The module forwards the draws with the current batch, in one pass over
+their concatenation when the network has no batch statistics (``module.fused_forward``). Class attributes choose the
+rest: :attr:`~ReplayMethod.selections` (the policies ``method.selection`` may name), :attr:`~ReplayMethod.stores_logits`
+(DER's logits of insertion time), :attr:`~ReplayMethod.memory_per_task` (GEM's fixed memory per task). A method that
+edits gradients instead (A-GEM) returns no loss term and draws in ``on_before_optimizer_step``.
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ class ReplayMethod(CLMethod):
         self.quota: int | None = None
         self._task = -1  # the current task, from on_task_start (saved: a mid-task resume gets no task start)
         self._filled = -1  # the last task selected from at task end (never select from a task twice)
+        self._drawn: list[BufferSample] = []  # this step's replay_draws, until its loss terms are taken
 
     @property
     def streaming(self) -> bool:
@@ -126,13 +133,25 @@ class ReplayMethod(CLMethod):
         return self.selection in STREAMING_SELECTIONS
 
     # ------------------------------------------------------------------ the hooks a subclass writes
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
+        """The replay batches of this step whose logits :meth:`replay_terms` needs (default: none), drawn with
+        :meth:`draw` before the current batch goes through the network, so that the module forwards them with it
+        (one pass over the concatenation where that is exact, :attr:`CLModule.fuses_forward`). The buffer is as
+        it is before this step's insertion; ``batch`` is the current batch, un-augmented."""
+        return []
+
     def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         """The method's loss terms for this step, by name, on the buffer as it is before this step's insertion.
 
-        Arguments as :meth:`~cl_lightning.contract.CLMethod.loss_terms`; :meth:`draw` gives the replay batch.
-        Default: none (a method that replays in another door, such as a gradient edit).
+        Arguments as :meth:`~cl_lightning.contract.CLMethod.loss_terms`; :meth:`replayed` gives the batches of
+        :meth:`replay_draws` with the network's logits of them. Default: none (a method that replays in another
+        door, such as a gradient edit).
         """
         return {}
+
+    def replayed(self, pl_module: CLModule) -> list[tuple[BufferSample, Tensor]]:
+        """This step's :meth:`replay_draws`, each with the network's raw logits of its ``x`` (in the graph)."""
+        return list(zip(self._drawn, pl_module.step_outputs(self), strict=True))
 
     def draw(self, pl_module: CLModule, n: int | None = None) -> BufferSample | None:
         """A replay batch of ``n`` (default :attr:`replay_batch_size`) distinct stored samples, or ``None`` while
@@ -175,8 +194,14 @@ class ReplayMethod(CLMethod):
         self._task = task_id
 
     @override
+    def step_inputs(self, pl_module: CLModule, batch: Batch) -> list[tuple[Tensor, Tensor]]:
+        self._drawn = self.replay_draws(pl_module, batch)
+        return [(sample.x, sample.task_id) for sample in self._drawn]
+
+    @override
     def loss_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         terms = self.replay_terms(pl_module, batch, logits)  # drawn before the insertion
+        self._drawn = []
         if self.streaming:
             self.insert(pl_module, batch, logits)
         return terms

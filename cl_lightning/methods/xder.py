@@ -15,6 +15,7 @@ from cl_lightning.methods.replay import ReplayMethod, gather
 from cl_lightning.validation import check_fraction, check_number
 
 if TYPE_CHECKING:
+    from cl_lightning.core.buffer import BufferSample
     from cl_lightning.data.batch import Batch
     from cl_lightning.models.module import CLModule
 
@@ -94,7 +95,9 @@ class XDER(ReplayMethod):
     change it. In task-IL (``B``'s cross-entropy over its own task's head, as DER++ here) the heads are separate at
     evaluation and X-DER is DER++ with rewritten stored logits and the two constraints; domain-IL has one head
     shared by all tasks, so there are no past or future heads to separate: refused at setup. The buffer is filled
-    at task ends: needs task boundaries (refused on ``dataset.stream=online``).
+    at task ends: needs task boundaries (refused on ``dataset.stream=online``). ``x``, ``A`` and ``B`` go through the
+    network in one pass over their concatenation when it has no batch statistics (``module.fused_forward=auto``),
+    else one pass each, as in Mammoth.
 
     Deviations from the paper and Mammoth's ``models/xder.py``, with their reasons:
 
@@ -178,14 +181,20 @@ class XDER(ReplayMethod):
 
     # ------------------------------------------------------------------ the loss
     @override
+    def replay_draws(self, pl_module: CLModule, batch: Batch) -> list[BufferSample]:
+        if (a := self.draw(pl_module)) is not None and (b := self.draw(pl_module)) is not None:
+            return [a, b]
+        return []
+
+    @override
     def replay_terms(self, pl_module: CLModule, batch: Batch, logits: Tensor) -> dict[str, Tensor]:
         t, masks = self._task, pl_module.output_masks
         current = masks[t]
         terms = {"stream": F.cross_entropy(logits.masked_fill(~current, float("-inf")), batch.y)}
         outputs, own = [logits], [current.expand_as(logits)]
-        if (a := self.draw(pl_module)) is not None and (b := self.draw(pl_module)) is not None:
+        if len(replayed := self.replayed(pl_module)) == 2:
+            (a, out_a), (b, out_b) = replayed
             assert a.logits is not None and b.logits is not None
-            out_a, out_b = pl_module(a.x, a.task_id), pl_module(b.x, b.task_id)
             terms["logit_mse"] = self.alpha * F.mse_loss(out_a.float(), a.logits)
             heads = masks[b.task_id] if pl_module.scenario == "task_il" else masks[:t].any(0)
             terms["replay"] = self.beta * F.cross_entropy(out_b.masked_fill(~heads, float("-inf")), b.y)

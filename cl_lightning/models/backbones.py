@@ -22,7 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SmallCNN", "ResNet18Reduced", "BasicBlock", "CosineLinear", "routes_by_task", "net_logits"]
+__all__ = [
+    "MLP",
+    "SmallCNN",
+    "ResNet18Reduced",
+    "BasicBlock",
+    "CosineLinear",
+    "routes_by_task",
+    "net_logits",
+    "uses_batch_statistics",
+]
 
 HEADS = ("linear", "cosine")
 
@@ -30,6 +39,35 @@ HEADS = ("linear", "cosine")
 def routes_by_task(net: nn.Module) -> bool:
     """Whether ``net`` picks its computation by task (``net.task_conditioned``, e.g. a progressive network)."""
     return bool(getattr(net, "task_conditioned", False))
+
+
+_BATCH_NORMS = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+    nn.SyncBatchNorm,
+)
+_INSTANCE_NORMS = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
+
+
+def uses_batch_statistics(net: nn.Module) -> bool:
+    """Whether a layer of ``net`` makes a sample's training output, or its running statistics, depend on the other
+    samples of its batch: batch norm (which normalises with the batch's statistics), or instance norm that tracks
+    running statistics (updated with the batch's mean). Only ``torch.nn``'s layers are known; a layer of another
+    kind that does so is not detected (set ``module.fused_forward=false`` for such a network)."""
+    return any(
+        isinstance(m, _BATCH_NORMS) or (isinstance(m, _INSTANCE_NORMS) and m.track_running_stats) for m in net.modules()
+    )
 
 
 class CosineLinear(nn.Module):

@@ -18,7 +18,7 @@ from cl_lightning.data.batch import Batch
 from cl_lightning.errors import ConfigError, DivergenceError
 from cl_lightning.loggers import log_metrics
 from cl_lightning.metrics import AccuracyMatrix
-from cl_lightning.models.backbones import net_logits
+from cl_lightning.models.backbones import net_logits, uses_batch_statistics
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 _PLAIN_TYPES = frozenset({str, int, float, bool, type(None)})
@@ -60,6 +60,15 @@ class CLModule(pl.LightningModule):
         gradient_clip_val: Clip the gradients to this norm (or value) before every optimizer step, after the
             methods' gradient edits (``trainer.gradient_clip_val``, handed over by the run).
         gradient_clip_algorithm: ``norm`` or ``value`` (``trainer.gradient_clip_algorithm``).
+        fused_forward: How the inputs methods give in :meth:`CLMethod.step_inputs` (replay batches) go through the
+            network with the current batch: ``"auto"`` in one forward pass over their concatenation unless a layer
+            of ``net`` uses batch statistics (:func:`~cl_lightning.models.backbones.uses_batch_statistics`: batch
+            norm would normalise the samples of all the batches together, a different method), else one pass per
+            batch; ``True`` always in one pass (with batch norm, the concatenation normalised together, as
+            Mammoth's ER and Avalanche's replay do); ``False`` always one pass per batch. Without batch statistics
+            the one pass gives every sample the logits of its own pass (the same arithmetic in larger kernels: the
+            sums may round differently; a dropout mask is drawn over the concatenation, from the same
+            distribution). :attr:`fuses_forward` is the outcome.
 
     Optimization is manual (Lightning's ``automatic_optimization = False``): :meth:`training_step` takes the
     step itself, ``zero_grad``, :meth:`manual_backward`, ``optimizer.step()``, which is how Lightning runs the
@@ -84,6 +93,7 @@ class CLModule(pl.LightningModule):
         augments: bool = False,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
+        fused_forward: bool | str = "auto",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -95,7 +105,11 @@ class CLModule(pl.LightningModule):
             raise ConfigError(f"module.train_outputs={train_outputs!r}: choose 'seen' or 'all'")
         if log_every_n_steps < 1:
             raise ConfigError(f"module.log_every_n_steps={log_every_n_steps}: must be >= 1")
+        if not isinstance(fused_forward, bool) and fused_forward != "auto":
+            raise ConfigError(f"module.fused_forward={fused_forward!r}: must be auto, true or false")
         self.net = net
+        #: Whether methods' step inputs are forwarded with the current batch in one pass (``fused_forward``).
+        self.fuses_forward = fused_forward is True or (fused_forward == "auto" and not uses_batch_statistics(net))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.scenario, self.reset_optimizer, self.train_outputs = scenario, reset_optimizer, train_outputs
         self.log_every_n_steps, self.hide_task_boundaries = log_every_n_steps, hide_task_boundaries
@@ -121,6 +135,8 @@ class CLModule(pl.LightningModule):
         self._methods: list[CLMethod] = []
         self._replaces_task_loss = False
         self._loss_methods: list[CLMethod] = []  # methods with loss terms of their own
+        self._input_methods: list[CLMethod] = []  # methods that give inputs to forward with the batch
+        self._step_outputs: dict[int, list[Tensor]] = {}  # their logits in this step, by id(method)
         self._auxiliary: list[CLMethod] = []  # methods that train a model of their own each step
         self._scorer: CLMethod | None = None  # the method whose classifier evaluation predicts from, if any
         self._unseen: Tensor | None = None  # class-IL training mask of the current task, set at its start
@@ -207,6 +223,7 @@ class CLModule(pl.LightningModule):
         # number of methods that do nothing then is combined
         self._loss_methods = [m for m in self._methods if type(m).loss_terms is not CLMethod.loss_terms]
         self._auxiliary = [m for m in self._methods if type(m).auxiliary_step is not CLMethod.auxiliary_step]
+        self._input_methods = [m for m in self._methods if type(m).step_inputs is not CLMethod.step_inputs]
         self._scorer = next((m for m in self._methods if type(m).eval_scores is not CLMethod.eval_scores), None)
 
     @override
@@ -249,7 +266,7 @@ class CLModule(pl.LightningModule):
             # every process's labels, so that the mask (and the buffer) is the same on all of them
             labels = self.all_gather(batch.y).reshape(-1) if self.trainer.world_size > 1 else batch.y
             self.seen_labels[labels] = True
-        logits = self(self.prepare(batch.x, train=True), batch.task_id)
+        logits = self.step_forward(batch)
         task_loss = F.cross_entropy(self.training_logits(logits, batch.task_id), batch.y)
         terms: dict[str, Tensor] = {}
         for method in self._loss_methods:
@@ -261,6 +278,7 @@ class CLModule(pl.LightningModule):
             loss = sum(terms.values())  # type: ignore[assignment]
         else:
             loss = task_loss + sum(terms.values()) if terms else task_loss
+        self._step_outputs = {}
         self.check_finite(loss)
         if self._auxiliary:
             with torch.autocast(self.device.type, enabled=False):
@@ -273,6 +291,29 @@ class CLModule(pl.LightningModule):
             metrics = {k: float(v.detach()) for k, v in values.items()} | {"task": int(self.current_task)}
             log_metrics(self, metrics, self.global_step)
         return loss
+
+    def step_forward(self, batch: Batch) -> Tensor:
+        """The network's raw logits of the augmented current batch; the methods' :meth:`CLMethod.step_inputs` are
+        forwarded with it (one pass where :attr:`fuses_forward`) and kept for :meth:`step_outputs`."""
+        x = self.prepare(batch.x, train=True)
+        given = [(m, list(m.step_inputs(self, batch))) for m in self._input_methods]
+        pairs = [pair for _, inputs in given for pair in inputs]
+        if not pairs:
+            return self(x, batch.task_id)
+        if self.fuses_forward:
+            sizes = [len(x)] + [len(xi) for xi, _ in pairs]
+            xs, tids = torch.cat([x, *(xi for xi, _ in pairs)]), torch.cat([batch.task_id, *(t for _, t in pairs)])
+            logits, *outs = self(xs, tids).split(sizes)
+        else:
+            logits, outs = self(x, batch.task_id), [self(xi, t) for xi, t in pairs]
+        for method, inputs in given:
+            self._step_outputs[id(method)], outs = outs[: len(inputs)], outs[len(inputs) :]
+        return logits
+
+    def step_outputs(self, method: CLMethod) -> list[Tensor]:
+        """The logits of the inputs ``method`` gave in :meth:`CLMethod.step_inputs` this step, in their order (for
+        its :meth:`CLMethod.loss_terms`)."""
+        return self._step_outputs.get(id(method), [])
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
