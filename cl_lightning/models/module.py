@@ -278,7 +278,7 @@ class CLModule(pl.LightningModule):
             loss = sum(terms.values())  # type: ignore[assignment]
         else:
             loss = task_loss + sum(terms.values()) if terms else task_loss
-        self._step_outputs = {}
+        self._step_outputs.clear()  # the step's logits are in the loss now
         self.check_finite(loss)
         if self._auxiliary:
             with torch.autocast(self.device.type, enabled=False):
