@@ -215,11 +215,12 @@ NOT_MATCHED = [
     "updated at the end of each experience, so it replays from the second task on (and steps of the first task "
     "carry 32 samples instead of 64).",
     "**DER++.** Ours keeps a reservoir buffer filled during training with the logits at insertion and draws two "
-    "replay batches per step (one for the logit MSE, one for the labels), each with its own forward pass; "
-    "Avalanche's DER fills a class-balanced buffer at the end of each experience with the logits of the trained "
-    "model, draws one replay batch for both terms, runs one forward pass over the current and the replayed batch "
-    "together (less arithmetic per step than ours), and replays only once the buffer holds 32 samples (from the "
-    "second task on).",
+    "replay batches per step (one for the logit MSE, one for the labels), forwarded with the current batch in one "
+    "pass over the 96 samples (`module.fused_forward=auto`: the MLP has no batch statistics); Avalanche's DER fills "
+    "a class-balanced buffer at the end of each experience with the logits of the trained model, draws one replay "
+    "batch for both terms, runs one forward pass over the current and the replayed batch together (64 samples: "
+    "less arithmetic per step than ours), and replays only once the buffer holds 32 samples (from the second task "
+    "on).",
     "**EWC Fisher.** Ours: the exact Fisher (sum over classes of p(c|x) g_c^2) over 200 samples of the task, from "
     "per-class batched gradients. Avalanche's: the squared gradient of each mini-batch's mean loss (batch 32, true "
     "labels), averaged over every mini-batch of the whole task (a pass over about 12,000 samples at each task's end); "
