@@ -182,7 +182,7 @@ PEERS: dict[str, Peer] = {
 
 METHODS = tuple(PEERS)
 # methods that benchmarks/step_cost.py also writes as a plain PyTorch loop: the floor of any framework's time
-PLAIN = ("naive", "er", "derpp")
+PLAIN = ("naive", "er", "derpp", "agem", "lwf")
 
 MATCHED = [
     "Data: the MNIST files our datamodule reads, the same uint8 tensors scaled to [0, 1] by / 255 (no normalisation, "
@@ -736,9 +736,10 @@ def main() -> None:
         "Ours runs the same way against both (P1's settings: `logger=none`, no progress bar); each run of ours is "
         "timed once and its time is the denominator of every ratio of its method and repeat.",
         "",
-        "Plain loop (naive, ER, DER++): the same steps written as a plain PyTorch loop (`benchmarks/step_cost.py`: "
-        "the same network, batches, masking, loss and SGD steps, no framework; the current and replay batches in "
-        "one forward pass over their concatenation, as Avalanche runs them), run right after ours. Avalanche / "
+        "Plain loop (naive, ER, DER++, A-GEM, LwF): the same steps written as a plain PyTorch loop "
+        "(`benchmarks/step_cost.py`: the same network, batches, masking, loss and SGD steps, no framework; the "
+        "current and replay batches in one forward pass over their concatenation, as Avalanche runs them), run "
+        "right after ours. Avalanche / "
         "plain loop is the most any framework doing the same arithmetic could be faster than Avalanche: the ceiling "
         "of the bar's ratio.",
         "",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import cProfile
 import io
 import os
@@ -132,11 +133,19 @@ class Reservoir:
 
 
 def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
-    """The run of ``cfg`` (naive, ER or DER++) written as a plain PyTorch loop; its training wall time.
+    """The run of ``cfg`` (naive, ER, DER++, A-GEM or LwF) written as a plain PyTorch loop; its training wall time.
 
     ``fused``: the current batch and the replay batches go through the network in one forward pass over their
     concatenation (as Avalanche's replay and DER do), the same arithmetic in fewer, larger kernels; the same
     outputs for a network without batch statistics, such as this MLP.
+
+    A-GEM: at each task end a random ``buffer_size // n_tasks`` of the task's training samples join the memory;
+    from the second task on, every step draws ``replay_batch_size`` distinct memories, takes the gradient of their
+    masked cross-entropy with ``torch.autograd.grad`` after the current batch's backward, and, where the two
+    gradients conflict (their dot product, summed over the parameters, is negative), subtracts the projection
+    from each parameter's gradient in place. LwF: a frozen copy of the network after each task; from the second
+    task on, ``alpha * T^2 * KL`` between its softmax and the network's over the old classes (batch mean) is added
+    to the loss, the copy forwarding the batch without a graph.
     """
     method = cfg.method._target_.rsplit(".", 1)[-1].lower()
     torch.manual_seed(seed)
@@ -146,13 +155,19 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
     for t, outputs in enumerate(dm.task_outputs):
         masks[t, outputs] = True
     buffer = None
+    if method in ("er", "derpp", "agem"):
+        r = int(cfg.method.replay_batch_size)
     if method in ("er", "derpp"):
         buffer = Reservoir(int(cfg.method.buffer_size), dm.tasks[0].train_x, dm.n_outputs, seed)
-        r = int(cfg.method.replay_batch_size)
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None  # A-GEM's episodic memories of the finished tasks
+    draws = torch.Generator().manual_seed(seed)
+    teacher: torch.nn.Module | None = None  # LwF's copy of the network after the last task
+    params = list(net.parameters())
     start = time.perf_counter()
     for t, task in enumerate(dm.tasks):
-        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        opt = torch.optim.SGD(params, lr=lr)
         unseen = ~masks[: t + 1].any(0) if cfg.module.train_outputs == "seen" else None
+        old = masks[:t].any(0).nonzero().squeeze(1)  # LwF's old classes
         gen = torch.Generator().manual_seed(seed * 100_003 + t)
         for idx in torch.randperm(len(task.train_y), generator=gen).split(bs):
             x_raw, y = task.train_x[idx], task.train_y[idx]
@@ -178,11 +193,34 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
                 (_, _, za), (_, yb, _) = replays
                 loss = loss + float(cfg.method.alpha) * F.mse_loss(outs[1], za)
                 loss = loss + float(cfg.method.beta) * F.cross_entropy(outs[2], yb)
+            if teacher is not None:
+                temperature = float(cfg.method.temperature)
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(x)[:, old] / temperature, -1)
+                student = F.log_softmax(logits[:, old] / temperature, -1)
+                kl = F.kl_div(student, target, log_target=True, reduction="batchmean")
+                loss = loss + float(cfg.method.alpha) * temperature**2 * kl
             if buffer is not None:  # after the draws: a batch is never replayed in its own step
                 buffer.add(x_raw, y, logits.detach() if method == "derpp" else None)
             opt.zero_grad()
             loss.backward()
+            if memory is not None:
+                pick = torch.randperm(len(memory[1]), generator=draws)[:r]
+                out = net(memory[0][pick].float().div_(255.0))
+                out = out if unseen is None else out.masked_fill(unseen, float("-inf"))
+                g_ref = torch.autograd.grad(F.cross_entropy(out, memory[1][pick]), params)
+                dot = sum(torch.dot(p.grad.reshape(-1), g.reshape(-1)) for p, g in zip(params, g_ref, strict=True))
+                if dot < 0:
+                    coef = dot / sum(torch.dot(g.reshape(-1), g.reshape(-1)) for g in g_ref)
+                    for p, g in zip(params, g_ref, strict=True):
+                        p.grad.sub_(coef * g)
             opt.step()
+        if method == "agem":  # task end: a random quota of the finished task joins the memory
+            keep = torch.randperm(len(task.train_y), generator=draws)[: int(cfg.method.buffer_size) // dm.n_tasks]
+            kept = (task.train_x[keep], task.train_y[keep])
+            memory = kept if memory is None else (torch.cat([memory[0], kept[0]]), torch.cat([memory[1], kept[1]]))
+        if method == "lwf":
+            teacher = copy.deepcopy(net).requires_grad_(False).eval()
     return time.perf_counter() - start
 
 

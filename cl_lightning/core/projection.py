@@ -18,7 +18,8 @@ toward the memories; it is solved by the substitution ``v = margin + u``, ``u >=
 
 **A-GEM** (Chaudhry et al., "Efficient Lifelong Learning with A-GEM", ICLR 2019, eq. 11): with one reference
 gradient ``g_ref`` (on a batch drawn from the whole memory), ``g~ = g - (g . g_ref / g_ref . g_ref) g_ref`` if
-``g . g_ref < 0``, else ``g``.
+``g . g_ref < 0``, else ``g``. :func:`agem_project_` writes it into the parameters' gradients in place, one
+tensor at a time (no flat copies of ``g`` and ``g_ref``, the same arithmetic).
 
 **GEM's projection in one pass over G** (:func:`gem_stacked_dual`): with ``g`` stored as the row after ``G``,
 ``[G; g] [G; g]^T`` holds both ``G G^T`` and ``G g``; it is the only product of the ``P``-wide rows before the
@@ -34,7 +35,7 @@ import torch
 from scipy.optimize import nnls
 from torch import Tensor
 
-__all__ = ["agem_project", "flat_grad", "gem_stacked_dual", "solve_gem_dual", "write_flat_grad"]
+__all__ = ["agem_project", "agem_project_", "flat_grad", "gem_stacked_dual", "solve_gem_dual", "write_flat_grad"]
 
 
 def flat_grad(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -115,3 +116,23 @@ def agem_project(g: Tensor, g_ref: Tensor) -> Tensor:
     norm = torch.dot(g_ref, g_ref)
     coef = torch.where(norm > 0, dot.clamp(max=0) / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
     return g - coef * g_ref
+
+
+def agem_project_(grads: Sequence[Tensor], refs: Sequence[Tensor | None]) -> Tensor:
+    """:func:`agem_project` of the gradient held by the tensors ``grads`` against the one held by ``refs`` (a
+    ``None`` ref is a zero block), written into ``grads`` in place: the two dot products are summed over the
+    tensors, and each tensor is updated by ``g -= coef * g_ref`` (``coef`` zero without a conflict, so ``grads``
+    are then left bit-identical). No flat copy of either gradient is made; no host synchronisation.
+
+    Returns:
+        ``g . g_ref < 0`` (whether the gradient was projected), a 0-dim bool tensor.
+    """
+    pairs = [(g, r) for g, r in zip(grads, refs, strict=True) if r is not None]
+    if not pairs:
+        return torch.zeros((), dtype=torch.bool, device=grads[0].device if grads else None)
+    dot = torch.stack([torch.dot(g.reshape(-1), r.reshape(-1)) for g, r in pairs]).sum()
+    norm = torch.stack([torch.dot(r.reshape(-1), r.reshape(-1)) for _, r in pairs]).sum()
+    coef = torch.where(norm > 0, dot.clamp(max=0) / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
+    for g, r in pairs:
+        g.addcmul_(r, coef, value=-1)
+    return dot < 0

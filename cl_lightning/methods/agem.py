@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import override
 
-from cl_lightning.core.projection import agem_project, flat_grad, write_flat_grad
+from cl_lightning.core.projection import agem_project_
 from cl_lightning.methods.replay import ProjectionRate, ReplayMethod
 
 if TYPE_CHECKING:
@@ -32,7 +32,8 @@ class AGEM(ReplayMethod):
     store the ``buffer_size // n_tasks`` samples the paper and that variable describe.
 
     The edit is in ``on_before_optimizer_step`` (after AMP unscaling); ``g_ref`` is computed there with
-    ``torch.autograd.grad``, so ``p.grad`` is untouched until the projection is written back.
+    ``torch.autograd.grad``, so ``p.grad`` is untouched until the projection is written into it, in place, one
+    parameter at a time (:func:`~cl_lightning.core.projection.agem_project_`).
 
     DDP: ``p.grad`` is all-reduced when the hook runs; memories are identical on every rank (whole task, same
     seeded generator), so is the reference batch (same generator state), and ``g_ref`` comes from the plain
@@ -67,7 +68,9 @@ class AGEM(ReplayMethod):
         with torch.enable_grad():
             out = module(ref.x, ref.task_id)
             loss = F.cross_entropy(module.training_logits(out, ref.task_id), ref.y)
-            g_ref = flat_grad(torch.autograd.grad(loss, params, allow_unused=True), params)
-        g = flat_grad([p.grad for p in params], params)
-        write_flat_grad(params, agem_project(g, g_ref))
-        self._rate.update(module, torch.dot(g, g_ref) < 0)
+            g_ref = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, r in zip(params, g_ref, strict=True):
+            if p.grad is None and r is not None:  # no current gradient: a zero block the projection may change
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        self._rate.update(module, agem_project_(grads, g_ref))  # type: ignore[arg-type]

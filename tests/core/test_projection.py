@@ -9,7 +9,14 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from cl_lightning.core.projection import agem_project, flat_grad, gem_stacked_dual, solve_gem_dual, write_flat_grad
+from cl_lightning.core.projection import (
+    agem_project,
+    agem_project_,
+    flat_grad,
+    gem_stacked_dual,
+    solve_gem_dual,
+    write_flat_grad,
+)
 
 
 def gem_dual(memories: torch.Tensor, g: torch.Tensor, margin: float = 0.0, eps: float = 1e-3) -> np.ndarray:
@@ -181,3 +188,26 @@ def test_flat_gradients_round_trip() -> None:
     write_flat_grad(params, torch.arange(11.0))
     assert params[0].grad.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     assert params[1].grad.tolist() == [6.0, 7.0, 8.0, 9.0] and params[2].grad.tolist() == [10.0]
+
+
+def test_agem_projection_in_place_equals_the_flat_one_and_leaves_unconflicted_gradients_bit_identical() -> None:
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 4), (4,), (2, 2, 2)]
+    seen = set()
+    for _ in range(40):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        refs = [torch.randn(s, generator=gen) for s in shapes]
+        grads[2] = grads[2].transpose(0, 2)  # a non-contiguous gradient is updated too, not a copy of it
+        refs[1] = None  # a parameter outside the reference's graph: a zero block
+        params = [torch.zeros(s) for s in [(3, 4), (4,), (2, 2, 2)]]
+        flat_refs = [torch.zeros_like(g) if r is None else r for g, r in zip(grads, refs, strict=True)]
+        g, g_ref = flat_grad(grads, params), flat_grad(flat_refs, params)
+        expected = agem_project(g, g_ref)
+        before = [t.clone() for t in grads]
+        projected = agem_project_(grads, refs)
+        seen.add(bool(projected))
+        assert bool(projected) == bool(g @ g_ref < 0)
+        torch.testing.assert_close(flat_grad(grads, params), expected)
+        if not projected:
+            assert all(torch.equal(a, b) for a, b in zip(before, grads, strict=True)), "no conflict: bit-identical"
+    assert seen == {True, False}
