@@ -182,7 +182,7 @@ PEERS: dict[str, Peer] = {
 
 METHODS = tuple(PEERS)
 # methods that benchmarks/step_cost.py also writes as a plain PyTorch loop: the floor of any framework's time
-PLAIN = ("naive", "er", "derpp", "agem", "lwf")
+PLAIN = ("naive", "er", "derpp", "agem", "gem", "lwf")
 
 MATCHED = [
     "Data: the MNIST files our datamodule reads, the same uint8 tensors scaled to [0, 1] by / 255 (no normalisation, "
@@ -736,7 +736,7 @@ def main() -> None:
         "Ours runs the same way against both (P1's settings: `logger=none`, no progress bar); each run of ours is "
         "timed once and its time is the denominator of every ratio of its method and repeat.",
         "",
-        "Plain loop (naive, ER, DER++, A-GEM, LwF): the same steps written as a plain PyTorch loop "
+        "Plain loop (naive, ER, DER++, A-GEM, GEM, LwF): the same steps written as a plain PyTorch loop "
         "(`benchmarks/step_cost.py`: the same network, batches, masking, loss and SGD steps, no framework; the "
         "current and replay batches in one forward pass over their concatenation, as Avalanche runs them), run "
         "right after ours. Avalanche / "

@@ -63,6 +63,7 @@ from omegaconf import DictConfig
 from overhead import OVERRIDES as OVERHEAD_OVERRIDES  # benchmarks/overhead.py: the MLP 2x400 protocol
 from replay_speed import compose_run
 
+from cl_lightning.core.projection import solve_gem_dual
 from cl_lightning.models.backbones import MLP
 from cl_lightning.train import train
 
@@ -145,7 +146,11 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
     gradients conflict (their dot product, summed over the parameters, is negative), subtracts the projection
     from each parameter's gradient in place. LwF: a frozen copy of the network after each task; from the second
     task on, ``alpha * T^2 * KL`` between its softmax and the network's over the old classes (batch mean) is added
-    to the loss, the copy forwarding the batch without a graph.
+    to the loss, the copy forwarding the batch without a graph. GEM: the same memories, kept per task (as float
+    inputs); every step takes the gradient of each past task's whole memory (its masked cross-entropy) after the
+    current batch's backward and, where one conflicts with the current gradient, solves the dual on the Gram matrix
+    of the memory gradients (``cl_lightning.core.projection.solve_gem_dual``: NNLS, margin ``memory_strength``,
+    ridge ``eps``) and writes ``g + G^T v`` into the parameters' gradients.
     """
     method = cfg.method._target_.rsplit(".", 1)[-1].lower()
     torch.manual_seed(seed)
@@ -160,6 +165,7 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
     if method in ("er", "derpp"):
         buffer = Reservoir(int(cfg.method.buffer_size), dm.tasks[0].train_x, dm.n_outputs, seed)
     memory: tuple[torch.Tensor, torch.Tensor] | None = None  # A-GEM's episodic memories of the finished tasks
+    per_task: list[tuple[torch.Tensor, torch.Tensor]] = []  # GEM's: each finished task's, its inputs as floats
     draws = torch.Generator().manual_seed(seed)
     teacher: torch.nn.Module | None = None  # LwF's copy of the network after the last task
     params = list(net.parameters())
@@ -214,14 +220,42 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
                     coef = dot / sum(torch.dot(g.reshape(-1), g.reshape(-1)) for g in g_ref)
                     for p, g in zip(params, g_ref, strict=True):
                         p.grad.sub_(coef * g)
+            if per_task:
+                g = torch.cat([p.grad.reshape(-1) for p in params])
+                G = torch.stack([_flat_grad(net, params, unseen, xm, ym) for xm, ym in per_task])
+                dots = G @ g
+                if bool((dots < 0).any()):
+                    v = solve_gem_dual(
+                        (G @ G.T).double().numpy(),
+                        dots.double().numpy(),
+                        float(cfg.method.memory_strength),
+                        float(cfg.method.eps),
+                    )
+                    z = torch.addmv(g, G.T, torch.from_numpy(v).to(g))
+                    offset = 0
+                    for p in params:
+                        p.grad.copy_(z[offset : offset + p.numel()].view_as(p))
+                        offset += p.numel()
             opt.step()
-        if method == "agem":  # task end: a random quota of the finished task joins the memory
+        if method in ("agem", "gem"):  # task end: a random quota of the finished task joins the memory
             keep = torch.randperm(len(task.train_y), generator=draws)[: int(cfg.method.buffer_size) // dm.n_tasks]
             kept = (task.train_x[keep], task.train_y[keep])
-            memory = kept if memory is None else (torch.cat([memory[0], kept[0]]), torch.cat([memory[1], kept[1]]))
+            if method == "gem":
+                per_task.append((kept[0].float().div_(255.0), kept[1]))
+            else:
+                memory = kept if memory is None else (torch.cat([memory[0], kept[0]]), torch.cat([memory[1], kept[1]]))
         if method == "lwf":
             teacher = copy.deepcopy(net).requires_grad_(False).eval()
     return time.perf_counter() - start
+
+
+def _flat_grad(
+    net: torch.nn.Module, params: list[torch.Tensor], unseen: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The flat gradient of the masked cross-entropy of ``net`` on ``(x, y)`` (GEM's memory gradient)."""
+    out = net(x)
+    out = out if unseen is None else out.masked_fill(unseen, float("-inf"))
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(out, y), params)])
 
 
 # ---------------------------------------------------------------------- Lightning's own floor

@@ -35,7 +35,15 @@ import torch
 from scipy.optimize import nnls
 from torch import Tensor
 
-__all__ = ["agem_project", "agem_project_", "flat_grad", "gem_stacked_dual", "solve_gem_dual", "write_flat_grad"]
+__all__ = [
+    "add_to_grads_",
+    "agem_project",
+    "agem_project_",
+    "flat_grad",
+    "gem_stacked_dual",
+    "solve_gem_dual",
+    "write_flat_grad",
+]
 
 
 def flat_grad(grads: Sequence[Tensor | None], params: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -54,6 +62,23 @@ def write_flat_grad(params: Sequence[Tensor], vector: Tensor) -> None:
             p.grad = chunk.clone()
         else:
             p.grad.copy_(chunk)
+        offset += n
+
+
+def add_to_grads_(params: Sequence[Tensor], matrix: Tensor, v: Tensor) -> None:
+    """Add ``matrix^T v`` (``matrix``: ``[K, P]`` rows in :func:`flat_grad`'s layout) to each parameter's ``.grad``
+    in place, block by block (a missing ``.grad`` is allocated): GEM's update ``g + G^T v`` without a flat copy of
+    ``g`` or of the result."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        block = matrix[:, offset : offset + n].T
+        if p.grad is None:
+            p.grad = (block @ v).view_as(p)
+        elif p.grad.is_contiguous():
+            p.grad.view(-1).addmv_(block, v)
+        else:
+            p.grad.add_((block @ v).view_as(p))
         offset += n
 
 

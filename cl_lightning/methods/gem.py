@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from cl_lightning.core.buffer import Buffer, BufferSample
-from cl_lightning.core.projection import flat_grad, gem_stacked_dual, write_flat_grad
+from cl_lightning.core.projection import add_to_grads_, flat_grad, gem_stacked_dual
 from cl_lightning.methods.base import CLMethod
 from cl_lightning.methods.replay import ProjectionRate, check_buffer_fits, fill_from_task, per_task_quota
 from cl_lightning.validation import check_int, check_number
@@ -104,6 +104,7 @@ class GEM(CLMethod):
         self._rate = ProjectionRate(self.name)  # a diagnostic
         # the past tasks' whole memories with their network inputs: fixed until the buffer changes
         self._prepared: tuple[list[int], list[BufferSample]] | None = None
+        self._rows: Tensor | None = None  # scratch of on_before_optimizer_step (see _scratch)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -164,13 +165,22 @@ class GEM(CLMethod):
         if not past:
             return
         params = [p for p in module.parameters() if p.requires_grad]
-        rows = params[0].new_empty(len(past) + 1, sum(p.numel() for p in params))  # [G; g]
+        rows = self._scratch(params, len(past) + 1)  # [G; g]
         self.memory_gradients(module, params, self.memories(module, past), rows[:-1])
         flat_grad([p.grad for p in params], params, out=rows[-1])
         v = gem_stacked_dual(rows, self.memory_strength, self.eps)
-        if v is not None:  # z = g + G^T v
-            write_flat_grad(params, torch.addmv(rows[-1], rows[:-1].T, v))
+        if v is not None:  # z = g + G^T v: G^T v added to each parameter's gradient in place
+            add_to_grads_(params, rows[:-1], v)
         self._rate.update(module, v is not None)
+
+    def _scratch(self, params: list[Tensor], k: int) -> Tensor:
+        """A ``[k, P]`` matrix for ``[G; g]``, kept from step to step (a fresh one of several MB at every step costs
+        more than filling it: the allocator hands back new pages); not state."""
+        n = sum(p.numel() for p in params)
+        rows = self._rows
+        if rows is None or rows.shape != (k, n) or rows.dtype != params[0].dtype or rows.device != params[0].device:
+            rows = self._rows = params[0].new_empty(k, n)
+        return rows
 
     @override
     def state_dict(self) -> dict[str, Any]:

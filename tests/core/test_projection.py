@@ -10,6 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from cl_lightning.core.projection import (
+    add_to_grads_,
     agem_project,
     agem_project_,
     flat_grad,
@@ -211,3 +212,18 @@ def test_agem_projection_in_place_equals_the_flat_one_and_leaves_unconflicted_gr
         if not projected:
             assert all(torch.equal(a, b) for a, b in zip(before, grads, strict=True)), "no conflict: bit-identical"
     assert seen == {True, False}
+
+
+def test_gem_update_added_in_place_equals_the_flat_one_for_every_kind_of_gradient() -> None:
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(3, 4), (4,), (2, 3)]]
+    params[0].grad = torch.randn(3, 4, generator=gen)
+    params[1].grad = None  # never reached by the loss: a zero gradient, allocated
+    params[2].grad = torch.randn(3, 2, generator=gen).T  # not contiguous: updated itself, not a copy
+    g = flat_grad([p.grad for p in params], params)
+    G = torch.randn(3, g.numel(), generator=gen)
+    v = torch.rand(3, generator=gen)
+    expected = torch.addmv(g, G.T, v)
+    add_to_grads_(params, G, v)
+    torch.testing.assert_close(flat_grad([p.grad for p in params], params), expected)
+    assert params[1].grad is not None and params[1].grad.shape == (4,)
