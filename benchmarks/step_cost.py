@@ -63,7 +63,7 @@ from omegaconf import DictConfig
 from overhead import OVERRIDES as OVERHEAD_OVERRIDES  # benchmarks/overhead.py: the MLP 2x400 protocol
 from replay_speed import compose_run
 
-from cl_lightning.core.projection import solve_gem_dual
+from cl_lightning.core.projection import add_to_grads_, agem_project_, flat_grad, gem_stacked_dual
 from cl_lightning.models.backbones import MLP
 from cl_lightning.train import train
 
@@ -134,7 +134,7 @@ class Reservoir:
 
 
 def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
-    """The run of ``cfg`` (naive, ER, DER++, A-GEM or LwF) written as a plain PyTorch loop; its training wall time.
+    """The run of ``cfg`` (naive, ER, DER++, A-GEM, GEM or LwF) as a plain PyTorch loop; its training wall time.
 
     ``fused``: the current batch and the replay batches go through the network in one forward pass over their
     concatenation (as Avalanche's replay and DER do), the same arithmetic in fewer, larger kernels; the same
@@ -143,14 +143,13 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
     A-GEM: at each task end a random ``buffer_size // n_tasks`` of the task's training samples join the memory;
     from the second task on, every step draws ``replay_batch_size`` distinct memories, takes the gradient of their
     masked cross-entropy with ``torch.autograd.grad`` after the current batch's backward, and, where the two
-    gradients conflict (their dot product, summed over the parameters, is negative), subtracts the projection
-    from each parameter's gradient in place. LwF: a frozen copy of the network after each task; from the second
+    gradients conflict, projects the gradient in place (``cl_lightning.core.projection.agem_project_``, the
+    arithmetic ours runs). LwF: a frozen copy of the network after each task; from the second
     task on, ``alpha * T^2 * KL`` between its softmax and the network's over the old classes (batch mean) is added
     to the loss, the copy forwarding the batch without a graph. GEM: the same memories, kept per task (as float
     inputs); every step takes the gradient of each past task's whole memory (its masked cross-entropy) after the
-    current batch's backward and, where one conflicts with the current gradient, solves the dual on the Gram matrix
-    of the memory gradients (``cl_lightning.core.projection.solve_gem_dual``: NNLS, margin ``memory_strength``,
-    ridge ``eps``) and writes ``g + G^T v`` into the parameters' gradients.
+    current batch's backward and, where one conflicts with the current gradient, solves the dual and adds ``G^T v``
+    to the gradients (``gem_stacked_dual`` and ``add_to_grads_`` of ``cl_lightning.core.projection``, as ours).
     """
     method = cfg.method._target_.rsplit(".", 1)[-1].lower()
     torch.manual_seed(seed)
@@ -215,27 +214,17 @@ def plain(cfg: DictConfig, dm, seed: int, fused: bool = False) -> float:
                 out = net(memory[0][pick].float().div_(255.0))
                 out = out if unseen is None else out.masked_fill(unseen, float("-inf"))
                 g_ref = torch.autograd.grad(F.cross_entropy(out, memory[1][pick]), params)
-                dot = sum(torch.dot(p.grad.reshape(-1), g.reshape(-1)) for p, g in zip(params, g_ref, strict=True))
-                if dot < 0:
-                    coef = dot / sum(torch.dot(g.reshape(-1), g.reshape(-1)) for g in g_ref)
-                    for p, g in zip(params, g_ref, strict=True):
-                        p.grad.sub_(coef * g)
+                agem_project_([p.grad for p in params], g_ref)
             if per_task:
-                g = torch.cat([p.grad.reshape(-1) for p in params])
-                G = torch.stack([_flat_grad(net, params, unseen, xm, ym) for xm, ym in per_task])
-                dots = G @ g
-                if bool((dots < 0).any()):
-                    v = solve_gem_dual(
-                        (G @ G.T).double().numpy(),
-                        dots.double().numpy(),
-                        float(cfg.method.memory_strength),
-                        float(cfg.method.eps),
-                    )
-                    z = torch.addmv(g, G.T, torch.from_numpy(v).to(g))
-                    offset = 0
-                    for p in params:
-                        p.grad.copy_(z[offset : offset + p.numel()].view_as(p))
-                        offset += p.numel()
+                rows = torch.stack(
+                    [
+                        *(_flat_grad(net, params, unseen, xm, ym) for xm, ym in per_task),
+                        flat_grad([p.grad for p in params], params),
+                    ]
+                )  # [G; g]
+                v = gem_stacked_dual(rows, float(cfg.method.memory_strength), float(cfg.method.eps))
+                if v is not None:
+                    add_to_grads_(params, rows[:-1], v)
             opt.step()
         if method in ("agem", "gem"):  # task end: a random quota of the finished task joins the memory
             keep = torch.randperm(len(task.train_y), generator=draws)[: int(cfg.method.buffer_size) // dm.n_tasks]
@@ -255,7 +244,7 @@ def _flat_grad(
     """The flat gradient of the masked cross-entropy of ``net`` on ``(x, y)`` (GEM's memory gradient)."""
     out = net(x)
     out = out if unseen is None else out.masked_fill(unseen, float("-inf"))
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(F.cross_entropy(out, y), params)])
+    return flat_grad(torch.autograd.grad(F.cross_entropy(out, y), params), params)
 
 
 # ---------------------------------------------------------------------- Lightning's own floor
