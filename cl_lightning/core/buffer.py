@@ -224,6 +224,11 @@ class Buffer:
         slots = self._class_slots()
         counts = {c: len(s) for c, s in slots.items() if s}
         writes: dict[int, int] = {}
+        # two uniforms for each element that meets a full buffer, drawn in one call (one generator call per batch,
+        # not two per element): the first breaks ties between the largest classes or accepts an element of the
+        # largest class, the second picks the evicted slot; plain floats on the host, as in _add_reservoir
+        late = len(y) - max(0, self.capacity - self.size)
+        draws = iter(torch.rand(2 * late, generator=self.generator, dtype=torch.float64).tolist() if late > 0 else [])
         for k, c in enumerate(y.tolist()):
             if c >= len(self.class_seen):
                 self.class_seen.extend([0] * (c + 1 - len(self.class_seen)))
@@ -234,22 +239,19 @@ class Buffer:
                 labels.append(c)
                 slots.setdefault(c, []).append(slot)  # the largest slot so far: the list stays in slot order
             else:
+                u, v = next(draws), next(draws)
                 largest = max(counts.values())
                 if self.selection == "gdumb":  # below its share of the memory, or not kept at all
-                    if counts.get(c, 0) >= self.capacity / sum(1 for v in self.class_seen if v > 0):
+                    if counts.get(c, 0) >= self.capacity / sum(1 for n in self.class_seen if n > 0):
                         continue
-                    tied = sorted(k2 for k2, v in counts.items() if v == largest)
-                    victim = tied[self._randint(len(tied))] if len(tied) > 1 else tied[0]
+                    victim = self._largest(counts, largest, u)
                 elif counts.get(c, 0) < largest:
-                    tied = sorted(k2 for k2, v in counts.items() if v == largest)
-                    victim = tied[self._randint(len(tied))] if len(tied) > 1 else tied[0]
-                elif (
-                    torch.rand(1, generator=self.generator, dtype=torch.float64).item() * self.class_seen[c] < counts[c]
-                ):
+                    victim = self._largest(counts, largest, u)
+                elif u * self.class_seen[c] < counts[c]:  # a reservoir inside the largest class
                     victim = c
                 else:
                     continue
-                slot = slots[victim].pop(self._randint(counts[victim]))  # a uniform one of the victim's samples
+                slot = slots[victim].pop(_uniform_index(v, counts[victim]))  # a uniform one of the victim's samples
                 counts[victim] -= 1
                 labels[slot] = c
                 bisect.insort(slots.setdefault(c, []), slot)
@@ -258,6 +260,12 @@ class Buffer:
         self.n_seen += len(y)
         if writes:
             self._write_slots(list(writes), list(writes.values()), x, y, tid, logits)
+
+    @staticmethod
+    def _largest(counts: dict[int, int], largest: int, u: float) -> int:
+        """A uniform one (by the uniform ``u``) of the classes holding ``largest`` slots."""
+        tied = sorted(c for c, n in counts.items() if n == largest)
+        return tied[_uniform_index(u, len(tied))]
 
     def _host_labels(self) -> list[int]:
         if self._labels is None:
@@ -272,9 +280,6 @@ class Buffer:
             for slot, c in enumerate(self._host_labels()):
                 self._slots.setdefault(c, []).append(slot)
         return self._slots
-
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
 
     def _write_range(self, start: int, x: Tensor, y: Tensor, tid: Tensor, logits: Tensor | None) -> None:
         assert self.x is not None and self.y is not None and self.task_id is not None
@@ -449,3 +454,9 @@ class Buffer:
             value = state.get(name)
             setattr(self, name, None if value is None else value.clone())
         self._labels = self._slots = None
+
+
+def _uniform_index(u: float, n: int) -> int:
+    """``floor(u * n)`` for a uniform ``u`` in [0, 1): a uniform index in ``range(n)`` (clamped: ``u * n`` can round
+    up to ``n`` in floating point)."""
+    return min(n - 1, int(u * n))
