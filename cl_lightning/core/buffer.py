@@ -227,8 +227,8 @@ class Buffer:
         # two uniforms for each element that meets a full buffer, drawn in one call (one generator call per batch,
         # not two per element): the first breaks ties between the largest classes or accepts an element of the
         # largest class, the second picks the evicted slot; plain floats on the host, as in _add_reservoir
-        late = len(y) - max(0, self.capacity - self.size)
-        draws = iter(torch.rand(2 * late, generator=self.generator, dtype=torch.float64).tolist() if late > 0 else [])
+        late = max(0, len(y) - max(0, self.capacity - self.size))
+        draws = iter(torch.rand(2 * late, generator=self.generator, dtype=torch.float64).tolist())
         for k, c in enumerate(y.tolist()):
             if c >= len(self.class_seen):
                 self.class_seen.extend([0] * (c + 1 - len(self.class_seen)))
